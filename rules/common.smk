@@ -1,0 +1,77 @@
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+# The pipeline's logic lives in scripts/ as importable modules; the rules only wire files.
+sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
+from variants import ConfigError, resolve_config  # noqa: E402
+
+CONFIG_SOURCE = ", ".join(workflow.overwrite_configfiles or ["config.yaml"])
+validate(config, schema="../schemas/config.schema.yaml")
+try:
+    CONFIG = resolve_config(config, CONFIG_SOURCE)
+except ConfigError as error:
+    raise WorkflowError(str(error)) from None
+VARIANTS = CONFIG["variants"]
+MODELS = CONFIG["models"]
+
+
+wildcard_constraints:
+    variant="|".join(VARIANTS),
+    model="|".join(MODELS),
+    quant="nf4|none",
+
+
+def is_built(model_name):
+    """True when the pipeline builds the model itself (random init) instead of loading it."""
+    return "init" in MODELS[model_name] or CONFIG["weights"] == "random"
+
+
+def model_path(model_name):
+    if is_built(model_name):
+        return f"results/models/{model_name}"
+    return MODELS[model_name]["path"]
+
+
+def model_files(model_name):
+    """Input files for rules that load the model: the built directory, or nothing for hub ids."""
+    return [f"results/models/{model_name}"] if is_built(model_name) else []
+
+
+def tokenized_name(variant):
+    """Tokenized data is shared by every variant with the same model and max length."""
+    v = VARIANTS[variant]
+    return f"{v['model']}-L{v['training']['max_length']}"
+
+
+def tokenized_settings(wildcards):
+    model_name, max_length = wildcards.tokenized.rsplit("-L", 1)
+    return {"model_name": model_name, "max_length": int(max_length)}
+
+
+def tokenized_files(variant):
+    directory = f"results/tokenized/{tokenized_name(variant)}"
+    return {
+        "train": f"{directory}/train.parquet",
+        "eval": f"{directory}/eval.parquet",
+        "stats": f"{directory}/stats.json",
+    }
+
+
+def before_samples(variant):
+    v = VARIANTS[variant]
+    return f"results/samples/before/{v['model']}__{v['quantization']}.json"
+
+
+def comparison_plots():
+    """{name: {"variants": [...], "title": ...}}: the config's comparisons plus all variants."""
+    plots = {"all_variants": {"variants": list(VARIANTS), "title": "All variants"}}
+    for comparison in CONFIG["comparisons"]:
+        plots[comparison["name"]] = {
+            "variants": comparison["variants"],
+            "title": comparison.get("title") or " vs ".join(comparison["variants"]),
+        }
+    return plots

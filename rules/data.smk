@@ -1,0 +1,54 @@
+rule bundled_sample:
+    output:
+        "results/data/bundled_sample.jsonl",
+    log:
+        "results/logs/bundled_sample.log",
+    params:
+        n=CONFIG["dataset"]["bundled_size"],
+        seed=CONFIG["dataset"]["seed"],
+    conda:
+        "../envs/loranotes.yaml"
+    script:
+        "../scripts/bundled_sample.py"
+
+
+rule prepare_data:
+    input:
+        **(
+            {"bundled": "results/data/bundled_sample.jsonl"}
+            if CONFIG["dataset"]["source"] == "bundled"
+            else {}
+        ),
+    output:
+        train="results/data/train.jsonl",
+        eval="results/data/eval.jsonl",
+        stats="results/data/stats.json",
+    log:
+        "results/logs/prepare_data.log",
+    params:
+        dataset=CONFIG["dataset"],
+    conda:
+        "../envs/loranotes.yaml"
+    script:
+        "../scripts/prepare_data.py"
+
+
+rule tokenize:
+    input:
+        train="results/data/train.jsonl",
+        eval="results/data/eval.jsonl",
+        model=lambda w: model_files(tokenized_settings(w)["model_name"]),
+    output:
+        train="results/tokenized/{tokenized}/train.parquet",
+        eval="results/tokenized/{tokenized}/eval.parquet",
+        stats="results/tokenized/{tokenized}/stats.json",
+    log:
+        "results/logs/tokenize/{tokenized}.log",
+    params:
+        model=lambda w: MODELS[tokenized_settings(w)["model_name"]],
+        model_path=lambda w: model_path(tokenized_settings(w)["model_name"]),
+        max_length=lambda w: tokenized_settings(w)["max_length"],
+    conda:
+        "../envs/loranotes.yaml"
+    script:
+        "../scripts/tokenize_data.py"

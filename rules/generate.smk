@@ -1,0 +1,44 @@
+# "Before" samples depend only on the base model and quantization, so variants share them.
+rule generate_before:
+    input:
+        model=lambda w: model_files(w.model),
+    output:
+        "results/samples/before/{model}__{quant}.json",
+    log:
+        "results/logs/generate/before_{model}__{quant}.log",
+    params:
+        model_name=lambda w: w.model,
+        model=lambda w: MODELS[w.model],
+        model_path=lambda w: model_path(w.model),
+        quantization=lambda w: w.quant,
+        prompts=CONFIG["prompts"],
+        generation=CONFIG["generation"],
+        device=CONFIG["training"]["device"],
+    threads: 2
+    conda:
+        "../envs/loranotes.yaml"
+    script:
+        "../scripts/generate.py"
+
+
+rule generate_after:
+    input:
+        model=lambda w: model_files(VARIANTS[w.variant]["model"]),
+        adapter="results/variants/{variant}/adapter",
+    output:
+        "results/variants/{variant}/samples_after.json",
+    log:
+        "results/logs/generate/after_{variant}.log",
+    params:
+        model_name=lambda w: VARIANTS[w.variant]["model"],
+        model=lambda w: MODELS[VARIANTS[w.variant]["model"]],
+        model_path=lambda w: model_path(VARIANTS[w.variant]["model"]),
+        quantization=lambda w: VARIANTS[w.variant]["quantization"],
+        prompts=CONFIG["prompts"],
+        generation=CONFIG["generation"],
+        device=lambda w: VARIANTS[w.variant]["training"]["device"],
+    threads: 2
+    conda:
+        "../envs/loranotes.yaml"
+    script:
+        "../scripts/generate.py"

@@ -1,0 +1,71 @@
+"""Answer the config's fixed prompts with a base model (before) or base + adapter (after).
+
+Greedy decoding by default, so a rerun gives the same text. "Before" runs once per base model
+and quantization and is shared by every variant with that base.
+"""
+
+import json
+import logging
+
+import torch
+
+from chat_format import PromptFormat
+from modeling import load_base_model, load_tokenizer, model_info, pick_device
+
+log = logging.getLogger("loranotes.generate")
+
+
+@torch.no_grad()
+def generate_samples(model, prompt_format, prompts, max_new_tokens, device):
+    """[{"prompt", "completion"}] for each prompt; the completion excludes the prompt."""
+    tokenizer = prompt_format.tokenizer
+    model.eval()
+    samples = []
+    for prompt in prompts:
+        text = prompt_format.generation_prompt(prompt)
+        inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[0, inputs["input_ids"].shape[1]:]
+        completion = tokenizer.decode(new_tokens, skip_special_tokens=True)
+        samples.append({"prompt": prompt, "completion": completion, "new_tokens": len(new_tokens)})
+        log.info("prompt: %r\n-> %r", prompt, completion)
+    return samples
+
+
+def main(snakemake):
+    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(snakemake.threads)
+    params = snakemake.params
+    device = pick_device(params.device)
+    tokenizer = load_tokenizer(params.model_path, params.model["trust_remote_code"])
+    prompt_format = PromptFormat(tokenizer, params.model["prompt_format"])
+    model = load_base_model(params.model_path, params.quantization, device,
+                            params.model["trust_remote_code"])
+    adapter = snakemake.input.get("adapter")
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    samples = generate_samples(model, prompt_format, params.prompts,
+                               params.generation["max_new_tokens"], device)
+    result = {
+        "model": params.model_name,
+        "quantization": params.quantization,
+        "adapter": bool(adapter),
+        "random_init": bool(model_info(params.model_path).get("random_init")),
+        "prompt_format": prompt_format.describe(),
+        "decoding": "greedy",
+        "samples": samples,
+    }
+    with open(snakemake.output[0], "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+
+
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821  (injected by Snakemake's script directive)
