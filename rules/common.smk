@@ -1,18 +1,27 @@
 import sys
 from pathlib import Path
 
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
 
 min_version("9.0")
 
 # The pipeline's logic lives in scripts/ as importable modules; the rules only wire files.
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from variants import ConfigError, resolve_config  # noqa: E402
+from variants import (
+    ConfigError,
+    check_models,
+    resolve_config,
+    validate_config,
+)  # noqa: E402
 
-CONFIG_SOURCE = ", ".join(workflow.overwrite_configfiles or ["config.yaml"])
-validate(config, schema="../schemas/config.schema.yaml")
+CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"]))
+# Like snakemake.utils.validate, but each message names the file and key and says what to do.
 try:
+    validate_config(
+        config, Path(workflow.basedir) / "schemas" / "config.schema.yaml", CONFIG_SOURCE
+    )
     CONFIG = resolve_config(config, CONFIG_SOURCE)
+    check_models(CONFIG, CONFIG_SOURCE)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 VARIANTS = CONFIG["variants"]
@@ -23,6 +32,17 @@ wildcard_constraints:
     variant="|".join(VARIANTS),
     model="|".join(MODELS),
     quant="nf4|none",
+
+
+def dataset_files():
+    """The data step's input: the bundled sample, or a local file (so that editing it reruns
+    the data step); a hub dataset is no file."""
+    source = CONFIG["dataset"]["source"]
+    if source == "bundled":
+        return {"bundled": "results/data/bundled_sample.jsonl"}
+    if source.endswith((".jsonl", ".json", ".parquet")):
+        return {"source": source}
+    return {}
 
 
 def is_built(model_name):

@@ -3,32 +3,28 @@ rule bundled_sample:
         "results/data/bundled_sample.jsonl",
     log:
         "results/logs/bundled_sample.log",
+    conda:
+        "../envs/loranotes.yaml"
     params:
         n=CONFIG["dataset"]["bundled_size"],
         seed=CONFIG["dataset"]["seed"],
-    conda:
-        "../envs/loranotes.yaml"
     script:
         "../scripts/bundled_sample.py"
 
 
 rule prepare_data:
     input:
-        **(
-            {"bundled": "results/data/bundled_sample.jsonl"}
-            if CONFIG["dataset"]["source"] == "bundled"
-            else {}
-        ),
+        **dataset_files(),
     output:
         train="results/data/train.jsonl",
         eval="results/data/eval.jsonl",
         stats="results/data/stats.json",
     log:
         "results/logs/prepare_data.log",
-    params:
-        dataset=CONFIG["dataset"],
     conda:
         "../envs/loranotes.yaml"
+    params:
+        dataset=CONFIG["dataset"],
     script:
         "../scripts/prepare_data.py"
 
@@ -44,11 +40,11 @@ rule tokenize:
         stats="results/tokenized/{tokenized}/stats.json",
     log:
         "results/logs/tokenize/{tokenized}.log",
+    conda:
+        "../envs/loranotes.yaml"
     params:
         model=lambda w: MODELS[tokenized_settings(w)["model_name"]],
         model_path=lambda w: model_path(tokenized_settings(w)["model_name"]),
         max_length=lambda w: tokenized_settings(w)["max_length"],
-    conda:
-        "../envs/loranotes.yaml"
     script:
         "../scripts/tokenize_data.py"

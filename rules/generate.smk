@@ -6,6 +6,9 @@ rule generate_before:
         "results/samples/before/{model}__{quant}.json",
     log:
         "results/logs/generate/before_{model}__{quant}.log",
+    conda:
+        "../envs/loranotes.yaml"
+    threads: 2
     params:
         model_name=lambda w: w.model,
         model=lambda w: MODELS[w.model],
@@ -14,9 +17,6 @@ rule generate_before:
         prompts=CONFIG["prompts"],
         generation=CONFIG["generation"],
         device=CONFIG["training"]["device"],
-    threads: 2
-    conda:
-        "../envs/loranotes.yaml"
     script:
         "../scripts/generate.py"
 
@@ -29,6 +29,9 @@ rule generate_after:
         "results/variants/{variant}/samples_after.json",
     log:
         "results/logs/generate/after_{variant}.log",
+    conda:
+        "../envs/loranotes.yaml"
+    threads: 2
     params:
         model_name=lambda w: VARIANTS[w.variant]["model"],
         model=lambda w: MODELS[VARIANTS[w.variant]["model"]],
@@ -37,8 +40,5 @@ rule generate_after:
         prompts=CONFIG["prompts"],
         generation=CONFIG["generation"],
         device=lambda w: VARIANTS[w.variant]["training"]["device"],
-    threads: 2
-    conda:
-        "../envs/loranotes.yaml"
     script:
         "../scripts/generate.py"

@@ -5,10 +5,10 @@ rule build_model:
         model_dir=directory("results/models/{model}"),
     log:
         "results/logs/build_model/{model}.log",
+    conda:
+        "../envs/loranotes.yaml"
     params:
         model=lambda w: MODELS[w.model],
         weights=CONFIG["weights"],
-    conda:
-        "../envs/loranotes.yaml"
     script:
         "../scripts/build_model.py"

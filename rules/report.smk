@@ -5,10 +5,10 @@ rule collect_metrics:
         "results/metrics.csv",
     log:
         "results/logs/collect_metrics.log",
-    params:
-        variants=list(VARIANTS.values()),
     conda:
         "../envs/loranotes.yaml"
+    params:
+        variants=list(VARIANTS.values()),
     script:
         "../scripts/collect_metrics.py"
 
@@ -23,12 +23,14 @@ rule plot_comparison:
         "results/plots/{name}.png",
     log:
         "results/logs/plot/{name}.log",
-    params:
-        names=lambda w: comparison_plots()[w.name]["variants"],
-        titles=lambda w: [VARIANTS[v]["title"] for v in comparison_plots()[w.name]["variants"]],
-        title=lambda w: comparison_plots()[w.name]["title"],
     conda:
         "../envs/loranotes.yaml"
+    params:
+        names=lambda w: comparison_plots()[w.name]["variants"],
+        titles=lambda w: [
+            VARIANTS[v]["title"] for v in comparison_plots()[w.name]["variants"]
+        ],
+        title=lambda w: comparison_plots()[w.name]["title"],
     script:
         "../scripts/plot_loss.py"
 
@@ -46,10 +48,10 @@ rule report:
         "results/report.md",
     log:
         "results/logs/report.log",
+    conda:
+        "../envs/loranotes.yaml"
     params:
         config=CONFIG,
         plot_titles=[plot["title"] for plot in comparison_plots().values()],
-    conda:
-        "../envs/loranotes.yaml"
     script:
         "../scripts/render_report.py"

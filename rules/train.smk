@@ -8,6 +8,9 @@ rule train:
         metrics="results/variants/{variant}/metrics.json",
     log:
         "results/logs/train/{variant}.log",
+    conda:
+        "../envs/loranotes.yaml"
+    threads: 2
     params:
         # Every setting that shapes the run is a param, so changing one reruns this variant only.
         variant=lambda w: {
@@ -15,9 +18,10 @@ rule train:
             for key in ("model", "quantization", "training", "lora")
         },
         model_path=lambda w: model_path(VARIANTS[w.variant]["model"]),
-        trust_remote_code=lambda w: MODELS[VARIANTS[w.variant]["model"]]["trust_remote_code"],
-    threads: 2
-    conda:
-        "../envs/loranotes.yaml"
+        trust_remote_code=lambda w: MODELS[VARIANTS[w.variant]["model"]][
+            "trust_remote_code"
+        ],
+        # Not an output: Snakemake deletes a failed job's outputs, and a rerun resumes from here.
+        checkpoints="results/checkpoints/{variant}",
     script:
         "../scripts/train.py"

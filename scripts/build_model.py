@@ -20,6 +20,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from errors import entry_point
+
 log = logging.getLogger("loranotes.build_model")
 
 # Public config values of the seed experiment's models, so `weights: random` needs no download.
@@ -118,12 +120,17 @@ def train_tokenizer(texts, vocab_size, chatml):
     return wrapped
 
 
-def build_model(spec, texts, out_dir, seed=0):
-    """Write a random-init model (safetensors), its tokenizer and loranotes_model.json."""
+def build_model(spec, texts, out_dir, seed=0, tokenizer=None):
+    """Write a random-init model (safetensors), its tokenizer and loranotes_model.json.
+
+    `tokenizer` is the model's own when one is at hand (a local model directory); otherwise one
+    is trained on `texts`.
+    """
     spec = dict(spec)
     architecture = spec.pop("architecture")
     config = AutoConfig.for_model(architecture, **spec)
-    tokenizer = train_tokenizer(texts, config.vocab_size, chatml=architecture in CHATML_FAMILIES)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(texts, config.vocab_size, chatml=architecture in CHATML_FAMILIES)
     # The config's vocabulary must cover every token id; a real config's larger one is kept.
     config.vocab_size = max(config.vocab_size, len(tokenizer))
     config.pad_token_id = tokenizer.pad_token_id
@@ -148,10 +155,17 @@ def build_model(spec, texts, out_dir, seed=0):
     return info
 
 
+@entry_point
 def main(snakemake):
     logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
-    spec = architecture_spec(snakemake.params.model, snakemake.params.weights)
-    build_model(spec, read_texts(snakemake.input.texts), snakemake.output.model_dir)
+    model = snakemake.params.model
+    spec = architecture_spec(model, snakemake.params.weights)
+    tokenizer = None
+    if "path" in model and (Path(model["path"]) / "tokenizer_config.json").exists():
+        from modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(model["path"], model["trust_remote_code"])
+    build_model(spec, read_texts(snakemake.input.texts), snakemake.output.model_dir, tokenizer=tokenizer)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Which tokens are trained on is decided by message role, not by template markers: the whole
 conversation is rendered once, each message's content is located in the rendered text, and a
-token gets a label only if it starts inside an assistant message's content (plus the end-of-turn
-token that directly follows it, so the model learns to stop). Everything else is -100. This
+token gets a label if it overlaps an assistant message's content (also one that merges the
+format's space with the first word, like sentencepiece's "▁Hello"; plus the end-of-turn token
+that directly follows it, so the model learns to stop). Everything else is -100. This
 works for any chat template, also ones without `{% generation %}` tags (Qwen3's, which breaks
 TRL's `assistant_only_loss`), and for base models with no template at all (the seed format).
 """
@@ -80,12 +81,14 @@ class PromptFormat:
             elif message["role"] == "user":
                 text += SEED_USER + message["content"]
             else:
-                text += SEED_ASSISTANT
+                # The space after "Assistant:" is trained and left out of generation prompts:
+                # tokenizers merge it into the answer's first token ("▁The", "ĠThe").
+                text += SEED_ASSISTANT.rstrip()
                 start = len(text)
-                text += message["content"] + eos
+                text += " " + message["content"] + eos
                 spans.append((start, len(text)))
         if add_generation_prompt:
-            text += SEED_ASSISTANT
+            text += SEED_ASSISTANT.rstrip()
         return text, spans
 
     def _locate_assistant_spans(self, text, messages):
@@ -122,7 +125,7 @@ class PromptFormat:
 def tokenize_conversation(prompt_format, messages, max_length):
     """Token ids and labels for one conversation, truncated to max_length.
 
-    Returns (input_ids, labels, truncated). labels[i] == input_ids[i] where token i starts inside
+    Returns (input_ids, labels, truncated). labels[i] == input_ids[i] where token i overlaps
     an assistant span, else IGNORE_INDEX.
     """
     text, spans = prompt_format.render(messages)
@@ -131,8 +134,8 @@ def tokenize_conversation(prompt_format, messages, max_length):
     )
     input_ids = encoding["input_ids"]
     labels = [
-        token if any(start <= token_start < end for start, end in spans) else IGNORE_INDEX
-        for token, (token_start, _) in zip(input_ids, encoding["offset_mapping"])
+        token if any(token_start < end and token_end > start for start, end in spans) else IGNORE_INDEX
+        for token, (token_start, token_end) in zip(input_ids, encoding["offset_mapping"])
     ]
     truncated = len(input_ids) > max_length
     return input_ids[:max_length], labels[:max_length], truncated

@@ -1,16 +1,20 @@
 """Loading base models (bf16 on GPU, float32 on CPU, or nf4 through bitsandbytes), attaching
 LoRA adapters, and reading peak memory the same way everywhere."""
 
+import contextlib
 import json
 import resource
 from pathlib import Path
 
 import torch
 
+from errors import first_line
+from model_sources import ModelError, is_local, local_model_problem
+
 
 def pick_device(requested="auto"):
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("training.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise ModelError("training.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(requested)
@@ -21,10 +25,37 @@ def compute_dtype(device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+@contextlib.contextmanager
+def explained_load_errors(path):
+    """Turn a loader's long error (offline hub, missing files) into a one-line ModelError."""
+    try:
+        yield
+    except (OSError, ValueError, ImportError) as error:  # hub and network errors are OSErrors
+        if is_local(path) or not isinstance(error, OSError):
+            raise ModelError(f"could not load {path}: {first_line(error)}") from error
+        raise ModelError(
+            f"could not download {path} ({first_line(error)}). No network, or HF_HUB_OFFLINE "
+            f"is set, and it is not in the local cache: download it first (`hf download {path}`; "
+            "gated models need HF_TOKEN in the environment), or point the model's path: at a "
+            "local directory"
+        ) from error
+
+
+def require_bitsandbytes():
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as error:  # not installed, or its native library fails to load
+        raise ModelError(
+            f"quantization nf4 needs a working bitsandbytes ({first_line(error)}): "
+            "`pip install -U bitsandbytes`, or set the variant's quantization: none"
+        ) from error
+
+
 def load_tokenizer(path, trust_remote_code=False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with explained_load_errors(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # Llama-2 has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -35,11 +66,24 @@ def load_base_model(path, quantization, device, trust_remote_code=False):
 
     dtype = compute_dtype(device)
     kwargs = {"dtype": dtype, "device_map": {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}}
+    problem = local_model_problem(path)  # a tokenizer loads without weights; a model does not
+    if problem:
+        raise ModelError(problem)
     if quantization == "nf4":
+        require_bitsandbytes()
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    with explained_load_errors(path):
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    if quantization == "nf4" and device.type == "cpu":
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and then
+        # requires every layer width to be a multiple of 32 (stories260k's 172 is not). The
+        # portable kernel has no such limit and these CPU runs are small anyway.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
 
 
 def model_info(path):

@@ -17,12 +17,14 @@ import random
 from collections import Counter
 from pathlib import Path
 
+from errors import LoranotesError, entry_point
+
 log = logging.getLogger("loranotes.prepare_data")
 
 ROLES = {"system", "user", "assistant"}
 
 
-class DataError(ValueError):
+class DataError(LoranotesError, ValueError):
     """The dataset cannot be used at all (missing, unreadable, empty after checks)."""
 
 
@@ -177,6 +179,7 @@ def write_jsonl(rows, path):
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+@entry_point
 def main(snakemake):
     logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
     dataset = snakemake.params.dataset

@@ -11,7 +11,9 @@ import logging
 import pandas as pd
 
 from chat_format import IGNORE_INDEX, PromptFormat, tokenize_conversation
+from errors import entry_point
 from modeling import load_tokenizer
+from prepare_data import DataError
 
 log = logging.getLogger("loranotes.tokenize")
 
@@ -44,6 +46,7 @@ def tokenize_split(prompt_format, conversations, max_length):
     return frame, counts
 
 
+@entry_point
 def main(snakemake):
     logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
     model = snakemake.params.model
@@ -57,8 +60,8 @@ def main(snakemake):
             prompt_format, read_conversations(snakemake.input[split]), snakemake.params.max_length
         )
         if frame.empty:
-            raise SystemExit(f"tokenize: no {split} conversation keeps an assistant token "
-                             f"within max_length={snakemake.params.max_length}; raise max_length")
+            raise DataError(f"tokenize: no {split} conversation keeps an assistant token "
+                            f"within max_length={snakemake.params.max_length}; raise max_length")
         frame.to_parquet(snakemake.output[split])
         stats[split] = counts
         log.info("%s: %d conversations, %d tokens (%d on assistant turns), %d truncated to %d, "

@@ -2,11 +2,17 @@
 and the cross-references a JSON schema cannot check (unknown `from:`/`model:`, cycles,
 comparisons naming unknown variants) turned into errors that name the key and say what to do.
 
-The schema (schemas/config.schema.yaml) catches unknown keys and wrong types first; this module
-runs right after it, when the Snakefile is parsed, so `snakemake -n` already fails on a bad config.
+The schema (schemas/config.schema.yaml) catches unknown keys and wrong types first, with a
+message that names the key and suggests the right one; then come the cross-references, and
+last the checks that look at the disk (local model weights, LoRA target modules). All of it
+runs when the Snakefile is parsed, so `snakemake -n` already fails on a bad config.
 """
 
 import copy
+import difflib
+
+from errors import LoranotesError
+from model_sources import ModelError, lora_layer_names, local_model_problem, target_modules_problem
 
 TRAINING_DEFAULTS = {
     "steps": 100,
@@ -22,6 +28,7 @@ TRAINING_DEFAULTS = {
     "gradient_checkpointing": False,
     "device": "auto",
     "seed": 0,
+    "checkpoint_every": 50,
 }
 LORA_DEFAULTS = {
     "r": 1,
@@ -37,8 +44,84 @@ MODEL_DEFAULTS = {"prompt_format": "chat_template", "trust_remote_code": False}
 INHERITED_KEYS = ("model", "quantization")
 
 
-class ConfigError(ValueError):
+class ConfigError(LoranotesError, ValueError):
     """A config mistake, explained: where it is and how to fix it."""
+
+
+# Names other fine-tuning tools use, so `learning_rate` is answered with "did you mean lr?".
+KEY_ALIASES = {
+    "learning_rate": "lr",
+    "max_steps": "steps",
+    "num_steps": "steps",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "max_seq_length": "max_length",
+    "lr_scheduler_type": "lr_scheduler",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "rank": "r",
+    "base_model": "model",
+    "model_name_or_path": "path",
+}
+
+
+def validate_config(config, schema_path, source="config.yaml"):
+    """Check the config against the JSON schema; one ConfigError lists every problem found,
+    each as `<file>: <key>: <what is wrong and what to do>`."""
+    import jsonschema
+    import yaml
+
+    with open(schema_path, encoding="utf-8") as f:
+        schema = yaml.safe_load(f)
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    problems = [problem for error in errors for problem in explain_schema_error(error)]
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+
+
+def key_path(parts):
+    """['variants', 'v1', 'training'] -> 'variants.v1.training'; list indexes as [0]."""
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def explain_schema_error(error):
+    where = key_path(error.absolute_path)
+    value = repr(error.instance)
+    value = value if len(value) <= 60 else value[:57] + "..."
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        known = list(error.schema.get("properties", {}))
+        return [
+            f"{key_path([*error.absolute_path, key])}: {unknown_key_hint(key, known)}"
+            for key in error.instance
+            if key not in known
+        ]
+    if error.validator == "required":
+        return [f"{where}: {error.message.split(' is a required')[0]} is missing; add it"]
+    if error.validator == "type":
+        hint = ""
+        if error.validator_value == "number" and isinstance(error.instance, str):
+            hint = " (YAML reads 1e-4 as a string: write 1.0e-4)"
+        return [f"{where}: expected {error.validator_value}, got {value}{hint}"]
+    if error.validator == "enum":
+        options = ", ".join(map(str, error.validator_value))
+        return [f"{where}: {value} is not one of: {options}"]
+    if error.validator == "oneOf":
+        options = [" + ".join(option.get("required", ["?"])) for option in error.validator_value]
+        return [f"{where}: needs exactly one of {' or '.join(options)}"]
+    return [f"{where}: {error.message}"]
+
+
+def unknown_key_hint(key, known):
+    if "token" in key.lower():
+        return "unknown key; never put a Hugging Face token in a config file: export HF_TOKEN"
+    aliases = {alias: name for alias, name in KEY_ALIASES.items() if name in known}
+    match = difflib.get_close_matches(key, [*known, *aliases], n=1)
+    suggestion = f" (did you mean {aliases.get(match[0], match[0])}?)" if match else ""
+    return f"unknown key{suggestion}; known keys here: {', '.join(known)}"
 
 
 def resolve_config(config, source="config.yaml"):
@@ -78,13 +161,14 @@ def resolve_variants(config, source="config.yaml"):
                     f"{source}: variants.{name}.from: '{parent_name}' is not a variant "
                     f"(variants: {', '.join(declared)}). Fix the name or remove `from:`."
                 )
-            if parent_name in chain:
-                cycle = " -> ".join([*chain[chain.index(parent_name):], parent_name])
+            path = [*chain, name]
+            if parent_name in path:
+                cycle = " -> ".join([*path[path.index(parent_name):], parent_name])
                 raise ConfigError(
                     f"{source}: variants.{name}.from: inheritance cycle {cycle}. "
-                    "Each variant must derive from one declared before the cycle closes."
+                    "Break it: one of these variants must set its settings without `from:`."
                 )
-            parent = resolve(parent_name, [*chain, name])
+            parent = resolve(parent_name, path)
             base = {
                 "model": parent["model"],
                 "quantization": parent["quantization"],
@@ -162,3 +246,25 @@ def check_comparisons(config, source="config.yaml"):
             f"{source}: comparisons: the name(s) {', '.join(duplicates)} appear more than once; "
             "each comparison writes results/plots/<name>.png, so names must be unique."
         )
+
+
+def check_models(config, source="config.yaml"):
+    """What needs a look at the disk: local model directories have weights, and every variant's
+    lora.target_modules exist in its model (where the architecture is known offline)."""
+    for name, model in config["models"].items():
+        if "init" not in model and config["weights"] != "random":
+            problem = local_model_problem(model["path"])
+            if problem:
+                raise ConfigError(f"{source}: models.{name}.path: {problem}")
+    for name, variant in config["variants"].items():
+        try:
+            layer_names = lora_layer_names(config["models"][variant["model"]], config["weights"])
+        except ModelError as error:
+            raise ConfigError(f"{source}: models.{variant['model']}: {error}") from None
+        if layer_names is None:
+            continue
+        problem = target_modules_problem(
+            variant["lora"]["target_modules"], layer_names, f"model {variant['model']}"
+        )
+        if problem:
+            raise ConfigError(f"{source}: variants.{name}.lora.target_modules: {problem}")

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # Install what the single-node test cluster needs: SLURM 22.05 from Debian
-# (controller, node daemon, client tools), munge for authentication, and the
-# snakemake SLURM executor plugin. Run as root (CI does); safe to rerun.
+# (controller, node daemon, client tools) and munge for authentication. The
+# snakemake SLURM executor plugin comes from requirements.txt. Run as root
+# (CI does); safe to rerun.
 set -euo pipefail
-
-SLURM_PLUGIN_VERSION="${SLURM_PLUGIN_VERSION:-2.8.0}"
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "install.sh: must run as root (it calls apt-get)" >&2
@@ -24,6 +23,3 @@ else
     echo "install.sh: slurm and munge already installed"
 fi
 
-python -m pip install -q "snakemake-executor-plugin-slurm==${SLURM_PLUGIN_VERSION}"
-python -c "import snakemake_executor_plugin_slurm" \
-    && echo "install.sh: snakemake-executor-plugin-slurm ${SLURM_PLUGIN_VERSION} ok"

@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Start a single-node SLURM cluster for the tests, without systemd:
 #   munged (as user munge) -> slurmctld -> slurmd -N localhost
-# with one node "localhost" (all CPUs of this machine, up to 20 GB RAM, one
-# fake GPU made with mknod) in one partition (default "debug").
+# with one node "localhost" and one fake GPU (a device made with mknod) in
+# one partition (default "debug").
+#
+# The node *advertises* 16 CPUs and 128 GB (at least as many CPUs as this
+# machine has), so that profiles/slurm/config.yaml is submitted exactly as a
+# user would submit it (train asks for 8 CPUs and 64 GB). Nothing is
+# enforced (no cgroups, SlurmdParameters=config_overrides): like the GPU,
+# the numbers are only what the scheduler books; jobs share the real cores.
 #
 # Needs root and the Debian packages from tests/slurm/install.sh.
 # Idempotent: stops a cluster left by an earlier run, wipes the state dir
@@ -12,6 +18,13 @@
 #   LORANOTES_SLURM_DIR        state dir (default /tmp/loranotes-slurm)
 #   LORANOTES_SLURM_PARTITION  partition name (default debug)
 #   LORANOTES_SLURM_TIMEOUT    seconds to wait for the node (default 60)
+#   LORANOTES_SLURM_NODE_CPUS  CPUs the node advertises (default 16)
+#   LORANOTES_SLURM_NODE_MEM_MB  memory it advertises (default 128000)
+#   LORANOTES_SLURM_JOB_CPUS   real CPUs the jobs may run on (default 2):
+#       slurmd is pinned to them with taskset and its jobs inherit that, so a
+#       job's `--cores all` (and so a rule's threads, and torch's thread count)
+#       is min(threads, 2) on any machine: the same as the tests' local
+#       `--cores 2` run, whose numbers the SLURM run must reproduce.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -77,10 +90,9 @@ mkdir -p "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd"
 chmod 755 "$STATE_DIR"
 
 # ------------------------------------------------------------ node sizing
-CPUS=$(nproc)
-total_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
-MEM_MB=$(( total_mb * 85 / 100 ))
-[ "$MEM_MB" -gt 20000 ] && MEM_MB=20000
+CPUS="${LORANOTES_SLURM_NODE_CPUS:-16}"
+[ "$CPUS" -lt "$(nproc)" ] && CPUS=$(nproc)
+MEM_MB="${LORANOTES_SLURM_NODE_MEM_MB:-128000}"
 
 # ------------------------------------------------------------ fake GPU
 if [ ! -c "$GPU_DEVICE" ]; then
@@ -139,8 +151,11 @@ fi
 log "starting slurmctld"
 slurmctld -c >"$STATE_DIR/slurmctld.stdout" 2>&1 \
     || die "slurmctld failed to start"
-log "starting slurmd"
-slurmd -N localhost >"$STATE_DIR/slurmd.stdout" 2>&1 \
+JOB_CPUS="${LORANOTES_SLURM_JOB_CPUS:-2}"
+real_cpus=$(nproc)
+[ "$JOB_CPUS" -gt "$real_cpus" ] && JOB_CPUS=$real_cpus
+log "starting slurmd (jobs run on CPUs 0-$((JOB_CPUS - 1)))"
+taskset -c "0-$((JOB_CPUS - 1))" slurmd -N localhost >"$STATE_DIR/slurmd.stdout" 2>&1 \
     || die "slurmd failed to start"
 
 # ------------------------------------------------------------ wait for node
@@ -165,11 +180,13 @@ while :; do
     fi
     sleep 0.5
 done
-log "node localhost is $state ($CPUS CPUs, ${MEM_MB} MB, 1 fake GPU, partition $PARTITION)"
+log "node localhost is $state (advertises $CPUS CPUs, ${MEM_MB} MB, 1 fake GPU;" \
+    "jobs really run on $JOB_CPUS CPUs; partition $PARTITION)"
 
 # ------------------------------------------------------------ smoke test
 out=$(timeout 60 srun -p "$PARTITION" -n 1 --gpus=1 --mem=100 -t 1 \
         printenv CUDA_VISIBLE_DEVICES 2>&1) \
     || die "smoke test 'srun --gpus=1' failed: $out"
 log "smoke test ok: a --gpus=1 job saw CUDA_VISIBLE_DEVICES=$out"
+timeout 10 scontrol show config | grep -E "^(ClusterName|MinJobAge|SchedulerParameters) " || true
 sinfo

@@ -1,0 +1,142 @@
+"""What can be known about a model before loading it, cheaply enough to check when the Snakefile
+is parsed: whether its local directory has weights, and which layers LoRA can wrap.
+
+The layer names come from building the architecture on PyTorch's `meta` device (no memory, no
+weights). That needs torch and transformers, about 3 s to import, so the answer is cached per
+model in ~/.cache/loranotes/ and later parses of the same config cost a file read. Hub models
+loaded with real weights are not known offline; train.py checks them once the model is loaded,
+with the same message.
+"""
+
+import hashlib
+import json
+import os
+from importlib.metadata import version
+from pathlib import Path
+
+from errors import LoranotesError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+class ModelError(LoranotesError):
+    """A model that cannot be loaded, with the cause and the fix."""
+
+
+def is_local(path):
+    """A local directory, not a hub id: an explicit path, or one that exists here."""
+    path = str(path)
+    return path.startswith(("/", "./", "../", "~")) or Path(path).exists()
+
+
+def local_model_problem(path):
+    """What is wrong with a local model directory, or None (also for hub ids)."""
+    if not is_local(path):
+        return None
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        return f"{path} does not exist (hub ids look like org/name, without a leading / or ./)"
+    if not (directory / "config.json").is_file():
+        return f"{path} has no config.json; point path: at a complete model directory"
+    if not any(any(directory.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        return (
+            f"{path} has no weights (*.safetensors or *.bin); copy the model's weight files "
+            "there, or point path: at a complete model directory"
+        )
+    return None
+
+
+def lora_layer_names_of(model):
+    """Names of the modules in `model` that LoRA can wrap (Linear, Embedding, Conv layers)."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    wrappable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D)
+    return [name for name, module in model.named_modules() if isinstance(module, wrappable)]
+
+
+def unmatched_targets(target_modules, layer_names):
+    """Targets that match no layer, the way peft matches a list: the name or its last parts."""
+    return [
+        target
+        for target in target_modules
+        if not any(name == target or name.endswith("." + target) for name in layer_names)
+    ]
+
+
+def target_modules_problem(target_modules, layer_names, model_label):
+    """What is wrong with lora.target_modules for this model, or None."""
+    missing = unmatched_targets(target_modules, layer_names)
+    if not missing:
+        return None
+    available = sorted({name.rsplit(".", 1)[-1] for name in layer_names})
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        f"{', '.join(missing)} {verb} not a layer of {model_label}; "
+        f"its layers LoRA can wrap: {', '.join(available)}"
+    )
+
+
+def build_on_meta(model, weights):
+    """The model's architecture without weights, or None when it is not known offline."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from build_model import architecture_spec
+
+    path = model.get("path", "")
+    if model.get("trust_remote_code"):
+        return None  # its code lives on the Hub; never run it just to check a config
+    try:
+        spec = architecture_spec(model, weights)
+    except ValueError as error:  # weights: random on a hub model whose config is not known offline
+        raise ModelError(str(error)) from None
+    if spec is not None:
+        config = AutoConfig.for_model(spec.pop("architecture"), **spec)
+    elif is_local(path) and local_model_problem(path) is None:
+        config = AutoConfig.from_pretrained(path)
+    else:
+        return None  # a hub model with real weights: train.py checks it after loading
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def cache_file():
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "loranotes" / "lora_layers.json"
+
+
+def lora_layer_names(model, weights):
+    """Layer names LoRA can wrap in a config's model entry, or None when unknown offline.
+
+    Cached by the model entry, the weights setting, the local config.json and the transformers
+    version: everything the answer depends on.
+    """
+    path = model.get("path", "")
+    if "init" not in model and weights != "random" and not is_local(path):
+        return None  # a hub model with real weights: nothing to build offline
+    config_json = Path(path).expanduser() / "config.json" if path else None
+    key_data = {
+        "model": model,
+        "weights": weights,
+        "config.json": config_json.read_text() if config_json and config_json.is_file() else None,
+        "transformers": version("transformers"),
+    }
+    key = hashlib.sha256(json.dumps(key_data, sort_keys=True).encode()).hexdigest()
+    cache = cache_file()
+    try:
+        cached = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    meta_model = build_on_meta(model, weights)
+    names = lora_layer_names_of(meta_model) if meta_model is not None else None
+    try:  # write a new file and rename it: parallel parses never see a half-written cache
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps({**cached, key: names}))
+        partial.replace(cache)
+    except OSError:
+        pass  # a read-only home only costs the 3 s again next time
+    return names

@@ -1,0 +1,180 @@
+"""Variant inheritance and config checks (scripts/variants.py), and that `snakemake -n` stops on
+a bad config with the same message."""
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO, copy_workflow, run_snakemake
+from variants import ConfigError, resolve_config
+
+SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+
+
+def base_config():
+    return {
+        "dataset": {"source": "bundled"},
+        "prompts": ["Hi"],
+        "training": {"steps": 10, "lr": 1.0e-3},
+        "lora": {"r": 2},
+        "models": {
+            "small": {"init": {"architecture": "llama"}},
+            "large": {"path": "org/large", "prompt_format": "seed"},
+        },
+        "variants": {
+            "v1": {
+                "title": "base",
+                "model": "small",
+                "quantization": "nf4",
+                "training": {"max_length": 128},
+                "lora": {"alpha": 8},
+            },
+            "v2": {"from": "v1", "quantization": "none"},
+            "v3": {"from": "v2", "training": {"lr": 1.0e-4}, "lora": {"r": 8}},
+            "v4": {"from": "v1", "model": "large"},
+        },
+        "comparisons": [{"name": "v2_vs_v1", "variants": ["v2", "v1"]}],
+    }
+
+
+@pytest.fixture
+def resolved():
+    return resolve_config(base_config(), "exp.yaml")["variants"]
+
+
+def test_child_inherits_model_quantization_training_and_lora(resolved):
+    v1, v2 = resolved["v1"], resolved["v2"]
+    assert v2["parent"] == "v1" and v1["parent"] is None
+    assert v2["model"] == v1["model"] == "small"
+    assert v2["training"] == v1["training"] and v2["training"]["max_length"] == 128
+    assert v2["lora"] == v1["lora"] and v2["lora"]["alpha"] == 8
+    assert (v1["quantization"], v2["quantization"]) == ("nf4", "none")
+    assert v2["title"] == "v2"  # titles are not inherited: the name stands in
+
+
+def test_overrides_replace_single_keys_and_keep_the_rest(resolved):
+    v2, v3 = resolved["v2"], resolved["v3"]
+    assert v3["training"]["lr"] == 1.0e-4
+    assert v3["lora"]["r"] == 8
+    assert {k: v for k, v in v3["training"].items() if k != "lr"} == {
+        k: v for k, v in v2["training"].items() if k != "lr"
+    }
+    assert v3["lora"]["alpha"] == 8 and v3["lora"]["target_modules"] == v2["lora"]["target_modules"]
+    assert v3["quantization"] == "none"  # from v2, which overrode v1
+    assert resolved["v4"]["model"] == "large" and resolved["v4"]["quantization"] == "nf4"
+
+
+def test_changes_list_what_differs_from_the_parent(resolved):
+    assert resolved["v1"]["changes"] == []
+    assert resolved["v2"]["changes"] == [{"key": "quantization", "from": "nf4", "to": "none"}]
+    assert resolved["v3"]["changes"] == [
+        {"key": "training.lr", "from": 1.0e-3, "to": 1.0e-4},
+        {"key": "lora.r", "from": 2, "to": 8},
+    ]
+    assert resolved["v4"]["changes"] == [{"key": "model", "from": "small", "to": "large"}]
+
+
+def test_global_training_and_lora_reach_root_variants(resolved):
+    v1 = resolved["v1"]
+    assert v1["training"]["steps"] == 10 and v1["training"]["lr"] == 1.0e-3
+    assert v1["lora"]["r"] == 2
+
+
+def schema_defaults(properties):
+    return {key: spec["default"] for key, spec in properties.items() if "default" in spec}
+
+
+def test_defaults_fill_every_setting_the_schema_documents():
+    config = resolve_config(base_config())
+    # Every training and lora key is set for every variant, so runs are fully specified.
+    for variant in config["variants"].values():
+        assert set(variant["training"]) == set(SCHEMA["$defs"]["training"]["properties"])
+        assert set(variant["lora"]) == set(SCHEMA["$defs"]["lora"]["properties"])
+    # The defaults the schema documents are the ones applied.
+    properties = SCHEMA["properties"]
+    for section in ("dataset", "generation"):
+        defaults = schema_defaults(properties[section]["properties"])
+        assert {k: config[section][k] for k in defaults} == defaults, section
+    model_defaults = schema_defaults(properties["models"]["additionalProperties"]["properties"])
+    assert config["models"]["small"] | model_defaults == config["models"]["small"]
+    assert config["models"]["large"]["prompt_format"] == "seed"  # given, not defaulted
+    assert config["weights"] == properties["weights"]["default"]
+    config = resolve_config({k: v for k, v in base_config().items() if k != "comparisons"})
+    assert config["comparisons"] == properties["comparisons"]["default"]
+
+
+def test_variants_keep_the_declared_order_and_the_input_is_not_changed():
+    config = base_config()
+    # A child declared before its parent.
+    config["variants"] = {"child": {"from": "root", "lora": {"r": 4}}, "root": {"model": "small"}}
+    config["comparisons"] = []
+    before = copy.deepcopy(config)
+    resolved = resolve_config(config)["variants"]
+    assert list(resolved) == ["child", "root"]
+    assert resolved["child"]["lora"]["r"] == 4 and resolved["root"]["lora"]["r"] == 2
+    assert config == before
+
+
+def resolve_error(change):
+    config = base_config()
+    change(config)
+    with pytest.raises(ConfigError) as error:
+        resolve_config(config, "exp.yaml")
+    message = str(error.value)
+    assert message.startswith("exp.yaml: "), message
+    return message
+
+
+def test_unknown_parent_names_the_key():
+    message = resolve_error(lambda c: c["variants"]["v3"].update({"from": "v9"}))
+    assert "variants.v3.from" in message and "'v9' is not a variant" in message
+
+
+def test_unknown_model_names_the_key():
+    message = resolve_error(lambda c: c["variants"]["v4"].update({"model": "huge"}))
+    assert "variants.v4.model" in message and "'huge'" in message
+    assert "small" in message and "large" in message  # the choices
+
+
+def test_root_variant_without_model_names_the_key():
+    message = resolve_error(lambda c: c["variants"]["v1"].pop("model"))
+    assert "variants.v1" in message and "model" in message
+
+
+@pytest.mark.parametrize(
+    "parents, key, cycle",
+    [
+        ({"v1": "v1"}, "variants.v1.from", "v1 -> v1."),
+        ({"v1": "v3"}, "variants.v2.from", "v1 -> v3 -> v2 -> v1."),  # v2 from v1, v3 from v2
+    ],
+    ids=["self", "three"],
+)
+def test_inheritance_cycle_names_the_key_and_the_cycle(parents, key, cycle):
+    message = resolve_error(
+        lambda c: [c["variants"][name].update({"from": parent}) for name, parent in parents.items()]
+    )
+    assert f"{key}: inheritance cycle {cycle}" in message
+
+
+def test_comparison_of_an_unknown_variant_names_it():
+    message = resolve_error(lambda c: c["comparisons"].append({"name": "x", "variants": ["v1", "v7"]}))
+    assert "comparisons[1]" in message and "'v7' is not a variant" in message
+
+
+def test_duplicate_comparison_names_are_an_error():
+    message = resolve_error(lambda c: c["comparisons"].append({"name": "v2_vs_v1", "variants": ["v1"]}))
+    assert "v2_vs_v1" in message and "unique" in message
+
+
+def test_dry_run_stops_on_a_bad_config_with_the_message(tmp_path):
+    workdir = copy_workflow(tmp_path / "workflow")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["variants"]["v3"]["from"] = "v9"
+    (workdir / "bad.yaml").write_text(yaml.safe_dump(config))
+
+    result = run_snakemake(workdir, "-n", "--configfile", "bad.yaml", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "bad.yaml: variants.v3.from: 'v9' is not a variant" in output, output
+    assert not (workdir / "results").exists()

@@ -1,0 +1,118 @@
+"""The whole workflow on the embedded default config (tiny random-init models, offline, CPU):
+the files it promises, and lab notes that agree with them."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import run_snakemake
+from util import PNG_MAGIC, assert_stats_table_matches, fence_contents, images
+from variants import resolve_config
+
+STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens",
+                "peak_memory_gb"]
+
+
+@pytest.fixture(scope="module")
+def config(default_run):
+    return resolve_config(yaml.safe_load((default_run / "config.yaml").read_text()))
+
+
+@pytest.fixture(scope="module")
+def results(default_run):
+    return default_run / "results"
+
+
+@pytest.fixture(scope="module")
+def metrics(results):
+    return pd.read_csv(results / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def report(results):
+    return (results / "report.md").read_text(encoding="utf-8")
+
+
+def test_metrics_csv_has_each_variants_metrics_in_config_order(config, results, metrics):
+    assert list(metrics["variant"]) == list(config["variants"])
+    for row in metrics.to_dict("records"):
+        path = results / "variants" / row["variant"] / "metrics.json"
+        shared = {k: v for k, v in json.loads(path.read_text()).items() if k in row}
+        assert {"eval_loss_before", "eval_loss_after", "final_train_loss"} <= set(shared)
+        for key, value in shared.items():
+            if value is None:
+                assert math.isnan(row[key]), (row["variant"], key)
+            else:
+                expected = pytest.approx(value, rel=1e-12) if isinstance(value, float) else value
+                assert row[key] == expected, (row["variant"], key)
+
+
+def test_report_table_shows_the_metrics_csv(report, metrics):
+    assert_stats_table_matches(report, metrics)
+
+
+def test_fine_tuning_lowers_eval_loss_for_every_variant(metrics):
+    for row in metrics.to_dict("records"):
+        assert row["eval_loss_after"] < row["eval_loss_before"], row["variant"]
+
+
+def test_every_comparison_is_plotted_and_linked(config, results, report):
+    names = ["all_variants", *(c["name"] for c in config["comparisons"])]
+    for name in names:
+        assert (results / "plots" / f"{name}.png").read_bytes().startswith(PNG_MAGIC), name
+    linked = [src for _, src in images(report)]
+    assert linked == [f"plots/{name}.png" for name in names]
+
+
+def test_before_samples_are_shared_per_model_and_quantization(config, results, report):
+    bases = {f"{v['model']}__{v['quantization']}.json" for v in config["variants"].values()}
+    assert {p.name for p in (results / "samples" / "before").iterdir()} == bases
+    # Each variant's section shows its base's "before" and its own "after" completions.
+    fences = fence_contents(report)
+    for name, variant in config["variants"].items():
+        base = results / "samples" / "before" / f"{variant['model']}__{variant['quantization']}.json"
+        after = results / "variants" / name / "samples_after.json"
+        for path in (base, after):
+            completions = [s["completion"] for s in json.loads(path.read_text())["samples"]]
+            assert len(completions) == len(config["prompts"])
+            for completion in completions:
+                assert completion + "\n" in fences, (name, path.name)
+
+
+def test_each_variant_saves_its_adapter_and_step_log(config, results):
+    for name, variant in config["variants"].items():
+        directory = results / "variants" / name
+        assert (directory / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+        adapter_config = json.loads((directory / "adapter" / "adapter_config.json").read_text())
+        assert adapter_config["r"] == variant["lora"]["r"]
+        steps = pd.read_csv(directory / "train_log.csv")
+        assert list(steps.columns) == STEP_COLUMNS
+        assert list(steps["step"]) == list(range(1, variant["training"]["steps"] + 1))
+        assert steps.notna().all().all() and (steps["loss"] > 0).all() and (steps["tokens"] > 0).all()
+
+
+def test_data_is_tokenized_once_per_model(config, results):
+    shared = {f"{v['model']}-L{v['training']['max_length']}" for v in config["variants"].values()}
+    assert len(shared) == 2 < len(config["variants"])
+    assert {p.name for p in (results / "tokenized").iterdir()} == shared
+    assert len(list((results / "logs" / "tokenize").iterdir())) == len(shared)
+
+
+def test_report_says_which_prompt_format_each_variant_used(config, results, report):
+    for name, variant in config["variants"].items():
+        tokenized = f"{variant['model']}-L{variant['training']['max_length']}"
+        stats = json.loads((results / "tokenized" / tokenized / "stats.json").read_text())
+        assert stats["train"]["assistant_tokens"] > 0
+        heading = f"\n## {name}: {variant['title']}\n"
+        assert f"prompt format: {stats['prompt_format']};" in report.split(heading)[1].split("\n## ")[0]
+    # tiny-llama has no chat template (like Llama-2 base): the seed format stands in.
+    stats = json.loads((results / "tokenized" / "tiny-llama-L256" / "stats.json").read_text())
+    assert stats["prompt_format"] == "seed format (fallback: the tokenizer has no chat template)"
+
+
+def test_a_finished_run_has_nothing_left_to_do(default_run):
+    result = run_snakemake(default_run, "-n", "results/report.md")
+    assert "Nothing to be done" in result.stdout + result.stderr

@@ -1,0 +1,164 @@
+"""Test helpers: a stand-in for the `snakemake` object scripts receive, fake run outputs, the
+loss mask's labelled runs, and readers for the report's markdown (parsed with markdown-it-py,
+as a renderer would, not with regexes)."""
+
+import math
+import re
+from types import SimpleNamespace
+
+from markdown_it import MarkdownIt
+
+from chat_format import IGNORE_INDEX
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class Named(list):
+    """Like snakemake's input/output/params: a list whose items can also be read by name."""
+
+    def __init__(self, **named):
+        super().__init__(named.values())
+        self.__dict__.update(named)
+
+    def get(self, key, default=None):
+        return self.__dict__.get(key, default)
+
+
+def fake_snakemake(input=None, output=None, params=None, log=None, threads=1):
+    """The object Snakemake's script directive injects as `snakemake`, for calling main()."""
+    return SimpleNamespace(
+        input=Named(**(input or {})),
+        output=Named(**(output or {})),
+        params=Named(**(params or {})),
+        log=Named(**(log or {})),
+        threads=threads,
+    )
+
+
+def fake_metrics(index, **overrides):
+    """What train.py writes to metrics.json, with values distinct per variant."""
+    return {
+        "steps": 10 + index,
+        "final_train_loss": 2.5 - index / 7,
+        "last_step_loss": 2.4 - index / 9,
+        "token_accuracy": 0.3 + index / 11,
+        "eval_loss_before": 3.0 + index / 13,
+        "eval_loss_after": 2.0 + index / 17,
+        "eval_accuracy_before": 0.1,
+        "eval_accuracy_after": 0.2,
+        "median_s_per_step": 0.25 * (index + 1),
+        "tokens_per_s": 1234.5 * (index + 1),
+        "train_seconds": 3.75 * (index + 1),
+        "train_tokens": 5000,
+        "peak_memory_gb": 1.5 + index,
+        "peak_reserved_gb": None if index == 0 else 2.0 + index,
+        "memory_kind": "CPU peak RSS",
+        "trainable_params": 1000 * (index + 1),
+        "total_params": 100000,
+        "device": "cpu",
+        "random_init": index % 2 == 0,
+        **overrides,
+    }
+
+
+def labelled_runs(input_ids, labels):
+    """Contiguous runs of labelled token ids."""
+    runs, current = [], []
+    for token, label in zip(input_ids, labels):
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            assert label == token, "a label must be its own input token"
+            current.append(token)
+    return runs + [current] if current else runs
+
+
+def parse_markdown(text):
+    return MarkdownIt("commonmark").enable("table").parse(text)
+
+
+def fence_contents(text):
+    """The content of every fenced code block, as a markdown renderer sees it."""
+    return [token.content for token in parse_markdown(text) if token.type == "fence"]
+
+
+def images(text):
+    """(alt text, src) of every image in the document."""
+    found = []
+    for token in parse_markdown(text):
+        for child in token.children or []:
+            if child.type == "image":
+                found.append((child.content, child.attrs["src"]))
+    return found
+
+
+def tables(text):
+    """Every table as a list of rows (header first), each a list of cell texts."""
+    result, rows, row = [], None, None
+    for token in parse_markdown(text):
+        if token.type == "table_open":
+            rows = []
+        elif token.type == "tr_open":
+            row = []
+        elif token.type == "inline" and row is not None:
+            row.append(token.content)
+        elif token.type == "tr_close":
+            rows.append(row)
+            row = None
+        elif token.type == "table_close":
+            result.append(rows)
+    return result
+
+
+def stats_table(report_text):
+    """The report's stats table as [{column header: cell text}], one per variant row."""
+    (header, *rows), = [t for t in tables(report_text) if t[0][0] == "Variant"]
+    return [dict(zip(header, row)) for row in rows]
+
+
+def shown_number(text):
+    """A number as the report prints it ("2,432", "7.5264") and how far rounding can move it."""
+    text = text.strip()
+    decimals = len(text.split(".")[1]) if "." in text else 0
+    return float(text.replace(",", "")), 0.5 * 10.0**-decimals * (1 + 1e-9)
+
+
+def assert_shown(text, expected, what):
+    if text.strip() == "—":
+        assert expected is None or math.isnan(expected), f"{what}: '—' shown for {expected}"
+        return
+    value, tolerance = shown_number(text)
+    assert abs(value - float(expected)) <= tolerance, f"{what}: report shows {text}, CSV has {expected}"
+
+
+# Stats table column -> metrics.csv column, for the cells that hold one number.
+NUMBER_COLUMNS = {
+    "Loss": "final_train_loss",
+    "Token acc.": "token_accuracy",
+    "Runtime (s)": "train_seconds",
+    "s/step": "median_s_per_step",
+    "Tokens/s": "tokens_per_s",
+    "Trainable params": "trainable_params",
+}
+
+
+def assert_stats_table_matches(report_text, metrics):
+    """The stats table has one row per metrics.csv row, in order, showing the same values."""
+    table = stats_table(report_text)
+    records = metrics.to_dict("records")
+    assert [row["Variant"] for row in table] == [r["variant"] for r in records]
+    for row, record in zip(table, records):
+        name = record["variant"]
+        model = record["model"] + (" (random-init)" if record["random_init"] else "")
+        assert row["Model"] == model, name
+        assert row["Quantization"] == record["quantization"], name
+        for column, key in NUMBER_COLUMNS.items():
+            assert_shown(row[column], record[key], f"{name} {column}")
+        before, after = row["Eval loss (before → after)"].split(" → ")
+        assert_shown(before, record["eval_loss_before"], f"{name} eval loss before")
+        assert_shown(after, record["eval_loss_after"], f"{name} eval loss after")
+        memory, kind = re.fullmatch(r"(\S+) \((.+)\)", row["Peak memory (GB)"]).groups()
+        assert_shown(memory, record["peak_memory_gb"], f"{name} peak memory")
+        assert kind == record["memory_kind"], name
