@@ -70,6 +70,32 @@ def collate(examples, pad_id, device):
     }
 
 
+def pack(examples, pad_id, device):
+    """A batch as one padding-free row: the conversations back to back, positions restarting at 0
+    for each. transformers sees the restarts in position_ids and keeps the conversations apart
+    (a block-diagonal causal mask, or variable-length flash attention), so no compute is spent
+    on padding. `pad_id` is unused; it keeps the signature of `collate`.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for ids, labs in examples:
+        input_ids += ids
+        # Nothing may learn to predict a conversation's first token from the previous one.
+        labels += [IGNORE_INDEX] + labs[1:]
+        position_ids += range(len(ids))
+    return {
+        "input_ids": torch.tensor([input_ids], device=device),
+        "labels": torch.tensor([labels], device=device),
+        "position_ids": torch.tensor([position_ids], device=device),
+    }
+
+
+def model_inputs(batch):
+    """What the model gets from a batch made by `collate` or `pack`: everything but the labels,
+    and no KV cache (training never decodes; a cache would cost memory and, for packed batches,
+    hide the sequence boundaries from transformers' attention masking)."""
+    return {**{key: value for key, value in batch.items() if key != "labels"}, "use_cache": False}
+
+
 def batches_forever(examples, batch_size, seed):
     """Shuffled batches, epoch after epoch; the order depends only on the seed."""
     rng = random.Random(seed)
@@ -103,14 +129,14 @@ def forward_backward(model, batch, scale=1.0):
 
     Returns (mean loss, correct predictions, target tokens, non-padding tokens).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(**model_inputs(batch)).logits
     loss_sum, correct, targets = token_loss_sums(logits, batch["labels"])
     # The autograd graph keeps what backward needs; holding the logits through backward too would
     # add their size to the peak (2.5 GB for Qwen3-4B at 4 x 1024, measured on an H100).
     del logits
     (loss_sum / targets * scale).backward()
-    return (loss_sum.item() / targets.item(), correct.item(), targets.item(),
-            batch["attention_mask"].sum().item())
+    tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
+    return loss_sum.item() / targets.item(), correct.item(), targets.item(), int(tokens)
 
 
 @torch.no_grad()
@@ -121,7 +147,7 @@ def evaluate(model, examples, batch_size, pad_id, device):
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(**model_inputs(batch)).logits
         batch_loss, batch_correct, batch_count = token_loss_sums(logits, batch["labels"])
         loss_sum += batch_loss.item()
         correct += batch_correct.item()
@@ -291,6 +317,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     )
     scheduler = make_scheduler(optimizer, training)
     batches = batches_forever(train_examples, training["batch_size"], training["seed"])
+    make_batch = pack if training["packing"] else collate
     fingerprint = run_fingerprint(model_path, quantization, training, lora, [train_path, eval_path])
     checkpoint = latest_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
     if checkpoint:
@@ -312,7 +339,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         started = time.perf_counter()
         loss_sum = correct = targets = tokens = 0
         for _ in range(training["grad_accum"]):
-            batch = collate(next(batches), pad_id, device)
+            batch = make_batch(next(batches), pad_id, device)
             # Micro-batches weigh equally (each is a mean over its targets), as in HF Trainer.
             loss, batch_correct, batch_targets, batch_tokens = forward_backward(
                 model, batch, scale=1 / training["grad_accum"]

@@ -26,6 +26,7 @@ TRAINING_DEFAULTS = {
     "max_length": 1024,
     "eval_batch_size": 8,
     "gradient_checkpointing": False,
+    "packing": False,
     "device": "auto",
     "seed": 0,
     "checkpoint_every": 50,

@@ -43,3 +43,33 @@ def test_masked_tokens_get_no_gradient_signal():
     (loss_sum / count).backward()
     rows_with_gradient = (logits.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
     assert rows_with_gradient == [5]  # only the position that predicts token 6
+
+
+def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
+    from train import collate, forward_backward, pack
+
+    model = tiny_model()
+    torch.manual_seed(1)
+    examples = []
+    for length in (7, 12, 4):
+        ids = torch.randint(0, 97, (length,)).tolist()
+        labels = [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]  # a prompt, then an answer
+        examples.append((ids, labels))
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss, correct, targets, tokens = forward_backward(model, batch)
+        grads = [p.grad.clone() for p in model.parameters()]
+        return loss, correct, targets, tokens, grads
+
+    padded = loss_and_grads(collate(examples, pad_id=0, device="cpu"))
+    packed = loss_and_grads(pack(examples, pad_id=0, device="cpu"))
+    assert packed[1:3] == padded[1:3]  # same targets, same correct predictions
+    assert packed[3] == padded[3] == 7 + 12 + 4  # padding-free: only real tokens
+    assert abs(packed[0] - padded[0]) < 1e-5
+    for packed_grad, padded_grad in zip(packed[4], padded[4]):
+        assert torch.allclose(packed_grad, padded_grad, atol=1e-5)
+    # and each conversation alone: the mean of per-conversation loss sums equals the batch loss
+    alone = [loss_and_grads(collate([example], pad_id=0, device="cpu")) for example in examples]
+    total = sum(loss * targets for loss, _, targets, _, _ in alone) / sum(t for _, _, t, _, _ in alone)
+    assert abs(packed[0] - total) < 1e-5
