@@ -1,8 +1,9 @@
 """Train one variant: LoRA on a base model (nf4 or not), loss on assistant tokens only.
 
 Reads the tokenized splits, writes the adapter (safetensors), a per-step CSV and a metrics JSON.
-A plain PyTorch loop: AdamW over the LoRA parameters, padded batches, optional gradient
-checkpointing; eval loss is measured on the held-out split before and after training.
+A plain PyTorch loop: AdamW over the LoRA parameters, padded batches (or padding-free packed
+ones), optional gradient checkpointing; eval loss is measured on the held-out split before and
+after training.
 
 Every `checkpoint_every` steps the run's whole state (LoRA weights, optimizer, scheduler, RNG,
 the per-step records) goes to results/checkpoints/<variant>/step-N; a rerun after a crash or
