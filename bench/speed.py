@@ -10,7 +10,11 @@ the 7 projection matrices, gradient checkpointing and AdamW.
   `model(input_ids, labels=labels).loss.backward()`, optimizer step.
 - pipeline: scripts/train.py's own functions (load_base_model, attach_lora, forward_backward).
 
-    python bench/speed.py OUT.json [--steps 10] [--warmup 3]
+With --ultrachat FILE.jsonl a second workload uses real UltraChat conversation lengths: the
+baseline gets padded batches, the trainer packed (padding-free) ones of the same tokens, and
+tokens/s counts non-padding tokens.
+
+    python bench/speed.py OUT.json [--steps 10] [--warmup 3] [--ultrachat FILE.jsonl]
 
 MFU counts 4 x parameters FLOPs per token: forward 2N and the input-gradient half of the
 backward 2N (frozen weights get no weight gradient; LoRA's own FLOPs, attention scores and the
@@ -30,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from build_model import KNOWN_ARCHITECTURES  # noqa: E402
-from train import attach_lora, forward_backward  # noqa: E402
+from train import attach_lora, collate, forward_backward, pack  # noqa: E402
 from modeling import load_base_model  # noqa: E402
 
 VARIANTS = [
@@ -109,14 +113,20 @@ def pipeline_step(model, batch):
     return forward_backward(model, batch)[0]
 
 
-def measure(make_model, step, path, quantization, batch, steps, warmup):
+def measure(make_model, step, path, quantization, batches, steps, warmup):
+    """Median s/step, non-padding tokens/s and peak memory over `steps` timed steps.
+
+    `batches` are cycled: step i trains on batches[i % len(batches)], the same sequence for
+    every run that is given the same list.
+    """
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model = make_model(path, quantization)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
-    times, losses = [], []
+    times, tokens, losses = [], [], []
     for index in range(warmup + steps):
+        batch = batches[index % len(batches)]
         torch.cuda.synchronize()
         started = time.perf_counter()
         losses.append(step(model, batch))
@@ -126,12 +136,49 @@ def measure(make_model, step, path, quantization, batch, steps, warmup):
         torch.cuda.synchronize()
         if index >= warmup:
             times.append(time.perf_counter() - started)
+            mask = batch.get("attention_mask")
+            tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
     del model, optimizer, params
     gc.collect()
     torch.cuda.empty_cache()
-    return {"s_per_step": statistics.median(times), "peak_gb": peak_gb, "losses": losses,
+    return {"s_per_step": statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
+            "peak_gb": peak_gb, "losses": losses,
             "spread": (max(times) - min(times)) / statistics.median(times)}
+
+
+def fixed_batches(vocab_size, batch, seq_len):
+    """One batch of `batch` x `seq_len` random tokens, every token a target; no padding."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+    fixed = {"input_ids": input_ids.cuda(), "attention_mask": torch.ones_like(input_ids).cuda(),
+             "labels": input_ids.cuda()}
+    return [fixed], [fixed]
+
+
+def conversation_lengths(jsonl_path, max_length):
+    """Token lengths of real UltraChat conversations, estimated as characters / 4 (the models'
+    real tokenizers are not available offline), capped at max_length as the pipeline truncates."""
+    with open(jsonl_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return [min(max_length, max(8, sum(len(m["content"]) for m in row["messages"]) // 4))
+            for row in rows]
+
+
+def ultrachat_batches(vocab_size, batch, lengths, count, device="cuda"):
+    """`count` batches of `batch` conversations with real lengths: padded for the baseline (what a
+    hand-written script does), packed for the pipeline's trainer. Same tokens in both."""
+    generator = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    padded, packed = [], []
+    for start in range(0, batch * count, batch):
+        examples = []
+        for index in order[start : start + batch]:
+            ids = torch.randint(0, vocab_size, (lengths[index],), generator=generator).tolist()
+            examples.append((ids, ids))
+        padded.append(collate(examples, pad_id=0, device=device))
+        packed.append(pack(examples, pad_id=0, device=device))
+    return padded, packed
 
 
 def main():
@@ -141,6 +188,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--ultrachat", type=Path, default=None,
+                        help="an ultrachat_200k-format .jsonl: adds the variable-length workload")
     parser.add_argument("--models", type=Path, default=Path("/tmp/loranotes-bench-models"))
     args = parser.parse_args()
 
@@ -155,29 +204,34 @@ def main():
         directory = str(args.models / hub_id.replace("/", "--"))
         save_random_model(hub_id, directory)
         spec = KNOWN_ARCHITECTURES[hub_id]
-        generator = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, spec["vocab_size"], (args.batch, args.seq_len), generator=generator)
-        batch = {"input_ids": input_ids.cuda(), "attention_mask": torch.ones_like(input_ids).cuda(),
-                 "labels": input_ids.cuda()}
-        base = measure(baseline_model, baseline_step, directory, quantization, batch, args.steps, args.warmup)
-        ours = measure(pipeline_model, pipeline_step, directory, quantization, batch, args.steps, args.warmup)
-        tokens = args.batch * args.seq_len
         n_params = parameter_count(spec)
-        row = {
-            "variant": variant, "model": hub_id, "quantization": quantization,
-            "batch": args.batch, "seq_len": args.seq_len,
-            "tokens_per_s": tokens / ours["s_per_step"],
-            "baseline_tokens_per_s": tokens / base["s_per_step"],
-            "speedup": base["s_per_step"] / ours["s_per_step"],
-            "s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
-            "peak_gb": ours["peak_gb"], "baseline_peak_gb": base["peak_gb"],
-            "mfu": 4 * n_params * tokens / ours["s_per_step"] / (peak_tflops * 1e12),
-            "baseline_mfu": 4 * n_params * tokens / base["s_per_step"] / (peak_tflops * 1e12),
-            "first_step_loss": ours["losses"][0], "baseline_first_step_loss": base["losses"][0],
-            "timing_spread": max(ours["spread"], base["spread"]),
-        }
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        workloads = {"fixed": fixed_batches(spec["vocab_size"], args.batch, args.seq_len)}
+        if args.ultrachat:
+            lengths = conversation_lengths(args.ultrachat, args.seq_len)
+            workloads["ultrachat"] = ultrachat_batches(
+                spec["vocab_size"], args.batch, lengths, args.warmup + args.steps
+            )
+        for workload, (baseline_batches, pipeline_batches) in workloads.items():
+            base = measure(baseline_model, baseline_step, directory, quantization,
+                           baseline_batches, args.steps, args.warmup)
+            ours = measure(pipeline_model, pipeline_step, directory, quantization,
+                           pipeline_batches, args.steps, args.warmup)
+            row = {
+                "variant": variant, "model": hub_id, "quantization": quantization,
+                "workload": workload, "batch": args.batch, "seq_len": args.seq_len,
+                "tokens_per_s": ours["tokens_per_s"],
+                "baseline_tokens_per_s": base["tokens_per_s"],
+                "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+                "s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
+                "peak_gb": ours["peak_gb"], "baseline_peak_gb": base["peak_gb"],
+                "mfu": 4 * n_params * ours["tokens_per_s"] / (peak_tflops * 1e12),
+                "baseline_mfu": 4 * n_params * base["tokens_per_s"] / (peak_tflops * 1e12),
+                "first_step_loss": ours["losses"][0],
+                "baseline_first_step_loss": base["losses"][0],
+                "timing_spread": max(ours["spread"], base["spread"]),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     result = {
         "card": card,
         "bf16_matmul_tflops": peak_tflops,
@@ -187,10 +241,12 @@ def main():
         "rows": rows,
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'variant':8}{'tok/s':>9}{'base tok/s':>12}{'speedup':>9}{'peak GB':>9}{'base GB':>9}{'MFU':>7}")
+    print(f"\n{'variant':8}{'workload':11}{'tok/s':>9}{'base tok/s':>12}{'speedup':>9}"
+          f"{'peak GB':>9}{'base GB':>9}{'MFU':>7}")
     for r in rows:
-        print(f"{r['variant']:8}{r['tokens_per_s']:9.0f}{r['baseline_tokens_per_s']:12.0f}"
-              f"{r['speedup']:9.2f}{r['peak_gb']:9.1f}{r['baseline_peak_gb']:9.1f}{r['mfu']:7.1%}")
+        print(f"{r['variant']:8}{r['workload']:11}{r['tokens_per_s']:9.0f}"
+              f"{r['baseline_tokens_per_s']:12.0f}{r['speedup']:9.2f}{r['peak_gb']:9.1f}"
+              f"{r['baseline_peak_gb']:9.1f}{r['mfu']:7.1%}")
 
 
 def parameter_count(spec):
