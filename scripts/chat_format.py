@@ -60,7 +60,11 @@ class PromptFormat:
         """Return (text, assistant_spans): spans are (start, end) character ranges to train on."""
         if self.kind == "seed":
             return self._render_seed(messages, add_generation_prompt)
-        text = self.tokenizer.apply_chat_template(
+        text = self._apply_template(messages, add_generation_prompt)
+        return text, self._locate_assistant_spans(text, messages)
+
+    def _apply_template(self, messages, add_generation_prompt):
+        return self.tokenizer.apply_chat_template(
             messages,
             chat_template=self.template,
             tokenize=False,
@@ -69,7 +73,6 @@ class PromptFormat:
             # training (rendered without reasoning) never showed the model. Others ignore it.
             enable_thinking=False,
         )
-        return text, self._locate_assistant_spans(text, messages)
 
     def _render_seed(self, messages, add_generation_prompt):
         bos = self.tokenizer.bos_token or ""
@@ -96,6 +99,13 @@ class PromptFormat:
         eos = self.tokenizer.eos_token
         for index, message in enumerate(messages):
             content = message["content"]
+            if message["role"] == "assistant":
+                # Skip the assistant header, which could contain the answer's text (an answer
+                # "assistant" in ChatML): the generation prompt of the conversation so far ends
+                # where the answer starts, when the template renders prefixes consistently.
+                prefix = self._apply_template(messages[:index], add_generation_prompt=True)
+                if text.startswith(prefix):
+                    cursor = max(cursor, len(prefix))
             start = text.find(content, cursor)
             if start < 0:  # templates may trim whitespace around content
                 content = content.strip()

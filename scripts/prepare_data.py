@@ -145,7 +145,9 @@ def prepare(rows, num_train, num_eval, seed):
             skipped[str(reason)] += 1
             examples.setdefault(str(reason), where)
             continue
-        conversation_id = row.get("prompt_id") or row.get("id") or where
+        # A parquet file that mixes both schemas fills the other schema's id column with NaN.
+        ids = [row.get(key) for key in ("prompt_id", "id") if isinstance(row.get(key), (str, int))]
+        conversation_id = ids[0] if ids else where
         conversations.append({"id": str(conversation_id), "messages": messages})
     if not conversations:
         raise DataError(

@@ -53,11 +53,14 @@ def test_both_schemas_from_every_file_type(tmp_path, suffix, schema):
     assert got == expected
 
 
-def test_schemas_can_be_mixed_in_one_file(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_schemas_can_be_mixed_in_one_file(tmp_path, suffix):
     rows = [ultrachat_200k_row(0), original_ultrachat_row(1, turns=2)]
-    train, eval_, stats = read(write_rows(tmp_path / "mixed.jsonl", rows), num_eval=1)
+    train, eval_, stats = read(write_rows(tmp_path / f"mixed{suffix}", rows), num_eval=1)
     assert stats["usable"] == 2
     assert sorted(len(c["messages"]) for c in train + eval_) == [2, 4]
+    # parquet fills the other schema's id column with NaN; each row keeps its own id
+    assert sorted(c["id"] for c in train + eval_) == ["id-0", "id-1"]
 
 
 def test_system_message_at_the_start_is_kept(tmp_path):

@@ -181,3 +181,15 @@ def test_template_that_rewrites_content_is_refused(bpe_tokenizers):
     prompt_format = PromptFormat(bpe_tokenizers[False], shouting)
     with pytest.raises(ValueError, match="does not reproduce message 0"):
         tokenize_conversation(prompt_format, HANDWRITTEN["single turn"], 100)
+
+
+def test_an_answer_that_also_appears_in_the_template_header_is_found_in_the_answer(bpe_tokenizers):
+    tokenizer = bpe_tokenizers[True]
+    messages = [
+        {"role": "user", "content": "Which role do you play here? One word."},
+        {"role": "assistant", "content": "assistant"},
+    ]
+    text, spans = PromptFormat(tokenizer, "chat_template").render(messages)
+    [(start, end)] = spans
+    assert text[start:end] == "assistant<|im_end|>"
+    assert text[:start].endswith("<|im_start|>assistant\n")
