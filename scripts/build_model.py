@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from errors import entry_point
+from errors import configure_logging, entry_point
 
 log = logging.getLogger("loranotes.build_model")
 
@@ -157,7 +157,7 @@ def build_model(spec, texts, out_dir, seed=0, tokenizer=None):
 
 @entry_point
 def main(snakemake):
-    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    configure_logging(snakemake)
     model = snakemake.params.model
     spec = architecture_spec(model, snakemake.params.weights)
     tokenizer = None

@@ -40,6 +40,22 @@ def first_line(error):
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def configure_logging(snakemake):
+    """The job's messages go to its log file and, as progress, to the terminal, where lines of
+    jobs running side by side are told apart by their prefix ("[train v1] step 10/100 ...")."""
+    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    wildcards = getattr(snakemake, "wildcards", [])
+    label = " ".join([getattr(snakemake, "rule", "loranotes"), *map(str, wildcards)])
+    to_terminal = logging.StreamHandler()
+    to_terminal.setFormatter(logging.Formatter(f"[{label}] %(message)s"))
+    # entry_point's own error line reaches the terminal through sys.exit; print it only once.
+    to_terminal.addFilter(lambda record: record.name != "loranotes")
+    logger = logging.getLogger("loranotes")
+    for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
+        logger.removeHandler(handler)  # a process running several mains (tests) keeps one
+    logger.addHandler(to_terminal)
+
+
 def entry_point(main):
     """Decorate a script's main(snakemake): a LoranotesError becomes one line and exit code 1."""
 
@@ -49,7 +65,7 @@ def entry_point(main):
             return main(*args, **kwargs)
         except LoranotesError as error:
             message = f"loranotes: {error}"
-            logging.getLogger("loranotes").error(message)  # into the job's log, once configured
-            sys.exit(message)
+            logging.getLogger("loranotes").error(message)  # into the job's log
+            sys.exit(message)  # onto the terminal, exit code 1, no traceback
 
     return run

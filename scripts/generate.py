@@ -11,7 +11,7 @@ import time
 import torch
 
 from chat_format import PromptFormat
-from errors import entry_point
+from errors import configure_logging, entry_point
 from modeling import load_base_model, load_tokenizer, model_info, pick_device
 
 log = logging.getLogger("loranotes.generate")
@@ -52,7 +52,7 @@ def generate_samples(model, prompt_format, prompts, max_new_tokens, device):
 
 @entry_point
 def main(snakemake):
-    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    configure_logging(snakemake)
     torch.set_num_threads(snakemake.threads)
     params = snakemake.params
     device = pick_device(params.device)

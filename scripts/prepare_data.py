@@ -17,7 +17,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from errors import LoranotesError, entry_point
+from errors import LoranotesError, configure_logging, entry_point
 
 log = logging.getLogger("loranotes.prepare_data")
 
@@ -183,7 +183,7 @@ def write_jsonl(rows, path):
 
 @entry_point
 def main(snakemake):
-    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    configure_logging(snakemake)
     dataset = snakemake.params.dataset
     source = snakemake.input.get("bundled", dataset["source"])
     train_set, eval_set, stats = prepare(

@@ -11,7 +11,7 @@ import logging
 import pandas as pd
 
 from chat_format import IGNORE_INDEX, PromptFormat, tokenize_conversation
-from errors import entry_point
+from errors import configure_logging, entry_point
 from modeling import load_tokenizer
 from prepare_data import DataError
 
@@ -48,7 +48,7 @@ def tokenize_split(prompt_format, conversations, max_length):
 
 @entry_point
 def main(snakemake):
-    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    configure_logging(snakemake)
     model = snakemake.params.model
     tokenizer = load_tokenizer(snakemake.params.model_path, model["trust_remote_code"])
     prompt_format = PromptFormat(tokenizer, model["prompt_format"])

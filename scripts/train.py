@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from chat_format import IGNORE_INDEX
-from errors import LoranotesError, entry_point
+from errors import LoranotesError, configure_logging, entry_point
 from model_sources import lora_layer_names_of, target_modules_problem
 from modeling import (
     load_base_model,
@@ -412,7 +412,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
 
 @entry_point
 def main(snakemake):
-    logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    configure_logging(snakemake)
     torch.set_num_threads(snakemake.threads)
     variant = snakemake.params.variant
     train(

@@ -303,7 +303,7 @@ save_checkpoint = train.save_checkpoint
 def save_then_stall(*checkpoint):
     save_checkpoint(*checkpoint)
     if checkpoint[-1]["step"] == stall_after:
-        train.collate = lambda *batch: time.sleep(3600)
+        train.forward_backward = lambda *step: time.sleep(3600)
 
 train.save_checkpoint = save_then_stall
 train.train(**args)
