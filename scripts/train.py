@@ -312,10 +312,8 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     log.info("LoRA r=%d on %s: %s trainable of %s parameters", lora["r"],
              ",".join(lora["target_modules"]), f"{trainable:,}", f"{total:,}")
 
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=training["lr"], weight_decay=training["weight_decay"],
-    )
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora_params, lr=training["lr"], weight_decay=training["weight_decay"])
     scheduler = make_scheduler(optimizer, training)
     batches = batches_forever(train_examples, training["batch_size"], training["seed"])
     make_batch = pack if training["packing"] else collate
@@ -354,9 +352,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
                 f"loss is {loss_sum} at step {step}; training stopped there. Lower training.lr "
                 f"(now {training['lr']}), add training.warmup_steps, or check the data"
             )
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for p in model.parameters() if p.requires_grad], training["max_grad_norm"]
-        )
+        grad_norm = torch.nn.utils.clip_grad_norm_(lora_params, training["max_grad_norm"])
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
