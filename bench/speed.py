@@ -1,31 +1,39 @@
 """Training speed and memory: a plain transformers + peft script vs the pipeline's trainer.
 
-Both run side by side on the same GPU in one process, for the seed's three variants (Qwen3-4B
-nf4, Qwen3-4B bf16, Llama-2-7b nf4), with random weights of the real architectures (speed does
-not depend on the weights), the same batch (4 x 1024 tokens, every token a target), LoRA r=1 on
-the 7 projection matrices, gradient checkpointing and AdamW.
+Both run on the same GPU in one call, for the seed's three variants (Qwen3-4B nf4, Qwen3-4B
+bf16, Llama-2-7b nf4), with random weights of the real architectures (speed does not depend on
+the weights), LoRA r=1 on the 7 projection matrices, AdamW, the same batches.
 
 - baseline: what a hand-written QLoRA script does: from_pretrained (+ BitsAndBytesConfig),
-  prepare_model_for_kbit_training / gradient_checkpointing_enable, get_peft_model,
-  `model(input_ids, labels=labels).loss.backward()`, optimizer step.
-- pipeline: scripts/train.py's own functions (load_base_model, attach_lora, forward_backward).
+  prepare_model_for_kbit_training / gradient_checkpointing_enable, get_peft_model, padded
+  batches, `model(**batch, labels=labels).loss.backward()`, optimizer step.
+- trainer: scripts/train.py's own setup and step (load_for_training, choose_checkpointing,
+  forward_backward) with the default speed options; the memory budget of its checkpointing
+  policy is the baseline's measured peak, so it never uses more memory than the baseline.
+- ablations: the trainer with one option changed, to measure what each option does.
 
-With --ultrachat FILE.jsonl a second workload uses real UltraChat conversation lengths: the
-baseline gets padded batches, the trainer packed (padding-free) ones of the same tokens, and
-tokens/s counts non-padding tokens.
+Workloads: `fixed` is 4 x 1024 random tokens, every token a target, no padding. With
+--ultrachat FILE.jsonl, `ultrachat` uses real UltraChat conversation lengths (characters / 4,
+capped at 1024 like the pipeline's max_length): padded batches for the baseline, packed ones of
+the same conversations for the trainer; tokens/s counts non-padding tokens.
 
-    python bench/speed.py OUT.json [--steps 10] [--warmup 3] [--ultrachat FILE.jsonl]
+    python bench/speed.py OUT.json [--variants v1 v2 v3] [--ultrachat FILE] [--profile DIR]
 
-MFU counts 4 x parameters FLOPs per token: forward 2N and the input-gradient half of the
-backward 2N (frozen weights get no weight gradient; LoRA's own FLOPs, attention scores and the
-recomputation of gradient checkpointing are left out), over the card's bf16 matmul rate measured
-in the same run (8192^3 products).
+Each variant runs in its own process (Liger patches transformers' modules in place; the
+baseline must see them unpatched). Rows of variants not run now are kept from an existing
+OUT.json of the same card.
+
+MFU counts 4 x the matmul parameters FLOPs per token (speedups.flops_per_token: forward 2N and
+the input-gradient half of backward 2N; frozen weights get no weight gradient; recomputation
+and attention scores are not counted), over the card's bf16 matmul rate measured in the same
+run (8192^3 products).
 """
 
 import argparse
 import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,30 +41,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import speedups  # noqa: E402
+import train  # noqa: E402
 from build_model import KNOWN_ARCHITECTURES  # noqa: E402
-from train import attach_lora, collate, forward_backward, pack  # noqa: E402
-from modeling import load_base_model  # noqa: E402
+from variants import TRAINING_DEFAULTS  # noqa: E402
 
-VARIANTS = [
-    ("v1", "Qwen/Qwen3-4B", "nf4"),
-    ("v2", "Qwen/Qwen3-4B", "none"),
-    ("v3", "meta-llama/Llama-2-7b-hf", "nf4"),
-]
+VARIANTS = {
+    "v1": ("Qwen/Qwen3-4B", "nf4"),
+    "v2": ("Qwen/Qwen3-4B", "none"),
+    "v3": ("meta-llama/Llama-2-7b-hf", "nf4"),
+}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 1, "alpha": 2, "dropout": 0.0, "target_modules": TARGETS}
-
-
-def matmul_tflops(size=8192, repeats=10):
-    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+TRAINER = {key: TRAINING_DEFAULTS[key] for key in ("fused_kernels", "gradient_checkpointing", "packing", "compile")}
+# name -> (trainer options changed from the defaults, workload); the memory budget is the
+# baseline's peak unless the ablation turns the policy off.
+ABLATIONS = {
+    "fixed": {
+        "precision fixes only (no fused kernels, all layers checkpointed)":
+            {"fused_kernels": "none", "gradient_checkpointing": True, "compile": False},
+        "not compiled (Liger's kernels instead)": {"compile": False},
+        "no checkpointing (memory not limited)": {"gradient_checkpointing": False},
+    },
+    "ultrachat": {
+        "padded batches (packing off)": {"packing": False},
+    },
+}
 
 
 def save_random_model(hub_id, directory):
@@ -90,70 +100,90 @@ def baseline_model(path, quantization):
     else:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    torch.manual_seed(0)  # the same LoRA initialization as the trainer's
     model = get_peft_model(model, LoraConfig(r=1, lora_alpha=2, lora_dropout=0.0,
                                              target_modules=TARGETS, task_type="CAUSAL_LM"))
     model.train()
-    return model
+
+    def step(batch):
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item()
+
+    return model, step
 
 
-def baseline_step(model, batch):
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.item()
+def trainer_model(path, quantization, options, probe_batch, budget_gb):
+    training = {**TRAINER, **{k: v for k, v in options.items() if k != "varlen"},
+                "memory_budget_gb": budget_gb}
+    varlen_available = train.varlen_attention_available
+    if options.get("varlen") is False:  # the ablation: packed batches through SDPA's mask
+        train.varlen_attention_available = lambda device: False
+    torch.manual_seed(0)  # the same LoRA initialization as the baseline's
+    model, speed = train.load_for_training(path, quantization, LORA, training, torch.device("cuda"))
+    train.varlen_attention_available = varlen_available
+    speed["checkpointed"] = train.choose_checkpointing(model, training, probe_batch, speed["fused_kernels"])
+    fused = speed["fused_kernels"]
+    return model, lambda batch: train.forward_backward(model, batch, fused_loss=fused)[0], speed
 
 
-def pipeline_model(path, quantization):
-    model = load_base_model(path, quantization, torch.device("cuda"))
-    model = attach_lora(model, LORA, quantization == "nf4", gradient_checkpointing=True)
-    model.train()
-    return model
-
-
-def pipeline_step(model, batch):
-    return forward_backward(model, batch)[0]
-
-
-def measure(make_model, step, path, quantization, batches, steps, warmup):
-    """Median s/step, non-padding tokens/s and peak memory over `steps` timed steps.
+def measure(model, step, batches, steps, warmup, profile_to=None):
+    """Median s/step, non-padding tokens/s, peak memory and the per-step losses.
 
     `batches` are cycled: step i trains on batches[i % len(batches)], the same sequence for
-    every run that is given the same list.
+    every run that is given the same list. Peak memory covers the training steps.
     """
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = make_model(path, quantization)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
-    times, tokens, losses = [], [], []
+    torch.cuda.reset_peak_memory_stats()
+    times, tokens, losses, first_step_s = [], [], [], None
     for index in range(warmup + steps):
         batch = batches[index % len(batches)]
         torch.cuda.synchronize()
         started = time.perf_counter()
-        losses.append(step(model, batch))
+        loss = step(batch)
+        losses.append(float(loss))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+        if index == 0:  # includes torch.compile's compilation, when on
+            first_step_s = time.perf_counter() - started
         if index >= warmup:
             times.append(time.perf_counter() - started)
             mask = batch.get("attention_mask")
             tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
-    del model, optimizer, params
-    gc.collect()
-    torch.cuda.empty_cache()
+    if profile_to:
+        profile_step(step, batches[0], profile_to)
     return {"s_per_step": statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
-            "peak_gb": peak_gb, "losses": losses,
+            "peak_gb": peak_gb, "losses": losses, "first_step_s": first_step_s,
             "spread": (max(times) - min(times)) / statistics.median(times)}
 
 
+def profile_step(step, batch, path):
+    """The CUDA kernels of one training step, by total time: where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(batch)
+        torch.cuda.synchronize()
+    Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+
+
+def release():
+    """Free the GPU memory of models the caller has deleted."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def fixed_batches(vocab_size, batch, seq_len):
-    """One batch of `batch` x `seq_len` random tokens, every token a target; no padding."""
+    """One batch of `batch` x `seq_len` random tokens, every token a target: padded (here: no
+    padding) for the baseline, packed for the trainer."""
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
-    fixed = {"input_ids": input_ids.cuda(), "attention_mask": torch.ones_like(input_ids).cuda(),
-             "labels": input_ids.cuda()}
-    return [fixed], [fixed]
+    examples = [(row.tolist(), row.tolist()) for row in input_ids]
+    return [train.collate(examples, 0, "cuda")], [train.pack(examples, 0, "cuda")]
 
 
 def conversation_lengths(jsonl_path, max_length):
@@ -165,9 +195,9 @@ def conversation_lengths(jsonl_path, max_length):
             for row in rows]
 
 
-def ultrachat_batches(vocab_size, batch, lengths, count, device="cuda"):
+def ultrachat_batches(vocab_size, batch, lengths, count):
     """`count` batches of `batch` conversations with real lengths: padded for the baseline (what a
-    hand-written script does), packed for the pipeline's trainer. Same tokens in both."""
+    hand-written script does), packed for the trainer. Same tokens in both."""
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(lengths), generator=generator).tolist()
     padded, packed = [], []
@@ -176,94 +206,199 @@ def ultrachat_batches(vocab_size, batch, lengths, count, device="cuda"):
         for index in order[start : start + batch]:
             ids = torch.randint(0, vocab_size, (lengths[index],), generator=generator).tolist()
             examples.append((ids, ids))
-        padded.append(collate(examples, pad_id=0, device=device))
-        packed.append(pack(examples, pad_id=0, device=device))
+        padded.append(train.collate(examples, pad_id=0, device="cuda"))
+        packed.append(train.pack(examples, pad_id=0, device="cuda"))
     return padded, packed
+
+
+def largest(batches):
+    return max(batches, key=lambda batch: batch["input_ids"].numel())
+
+
+def max_loss_difference(ours, base):
+    return max(abs(a - b) for a, b in zip(ours["losses"], base["losses"]))
+
+
+def run_variant(variant, args, peak_tflops):
+    """All measurements of one variant: baseline and trainer per workload, then ablations."""
+    hub_id, quantization = VARIANTS[variant]
+    directory = str(args.models / hub_id.replace("/", "--"))
+    save_random_model(hub_id, directory)
+    vocab_size = KNOWN_ARCHITECTURES[hub_id]["vocab_size"]
+    workloads = {}  # UltraChat first: none of its runs patch transformers (see `later` below)
+    if args.ultrachat:
+        lengths = conversation_lengths(args.ultrachat, args.seq_len)
+        workloads["ultrachat"] = ultrachat_batches(vocab_size, args.batch, lengths, args.warmup + args.steps)
+    workloads["fixed"] = fixed_batches(vocab_size, args.batch, args.seq_len)
+    rows, ablations = [], []
+    for workload, (padded, packed) in workloads.items():
+        model, step = baseline_model(directory, quantization)
+        base = measure(model, step, padded, args.steps, args.warmup,
+                       args.profile and args.profile / f"{variant}-{workload}-baseline.txt")
+        del model, step
+        release()
+        print(f"{variant} {workload} baseline: {base['tokens_per_s']:.0f} tok/s, "
+              f"{base['peak_gb']:.2f} GB", flush=True)
+
+        def run_ablation(name, options, base):
+            budget = None if options.get("gradient_checkpointing") is False else base["peak_gb"]
+            try:
+                return trainer_run(options, budget)
+            except Exception as error:  # an option that fails here is reported, not fatal
+                release()
+                print(f"{variant} {workload} {name}: failed: {type(error).__name__}: {error}", flush=True)
+                return None
+
+        def trainer_run(options, budget_gb, profile_name=None):
+            batches = packed if options.get("packing", TRAINER["packing"]) else padded
+            model, step, speed = trainer_model(directory, quantization, options,
+                                               largest(batches), budget_gb)
+            flops = speedups.flops_per_token(model)
+            result = measure(model, step, batches, args.steps, args.warmup,
+                             profile_name and args.profile and args.profile / profile_name)
+            del model, step
+            release()
+            result.update(speed=speed, mfu=result["tokens_per_s"] * flops / (peak_tflops * 1e12),
+                          flops_per_token=flops)
+            return result
+
+        # Runs with Liger's module kernels (uncompiled, fused) go last: Liger patches
+        # transformers' modules for the rest of the process (speedups.apply_fused_kernels).
+        chosen = {} if args.no_ablations else ABLATIONS[workload]
+        later = {name: options for name, options in chosen.items()
+                 if options.get("compile") is False and options.get("fused_kernels") != "none"}
+        ours = trainer_run({}, base["peak_gb"], f"{variant}-{workload}-trainer.txt")
+        row = {
+            "variant": variant, "model": hub_id, "quantization": quantization, "workload": workload,
+            "batch": args.batch, "seq_len": args.seq_len,
+            "tokens_per_s": ours["tokens_per_s"], "baseline_tokens_per_s": base["tokens_per_s"],
+            "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
+            "s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
+            "peak_gb": ours["peak_gb"], "baseline_peak_gb": base["peak_gb"],
+            "mfu": ours["mfu"],
+            "baseline_mfu": base["tokens_per_s"] * ours["flops_per_token"] / (peak_tflops * 1e12),
+            "speed_options": ours["speed"],
+            "mean_loss": statistics.mean(ours["losses"]),
+            "baseline_mean_loss": statistics.mean(base["losses"]),
+            "max_step_loss_difference": max_loss_difference(ours, base),
+            "timing_spread": max(ours["spread"], base["spread"]),
+            "first_step_s": ours["first_step_s"], "baseline_first_step_s": base["first_step_s"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        ablation_results = {name: run_ablation(name, options, base)
+                            for name, options in chosen.items() if name not in later}
+        ablation_results.update({name: run_ablation(name, options, base) for name, options in later.items()})
+        for name, result in ablation_results.items():
+            if result is None:
+                continue
+            ablation = {
+                "variant": variant, "workload": workload, "ablation": name,
+                "tokens_per_s": result["tokens_per_s"], "s_per_step": result["s_per_step"],
+                "peak_gb": result["peak_gb"], "mfu": result["mfu"],
+                "speedup_vs_baseline": result["tokens_per_s"] / base["tokens_per_s"],
+                "speed_options": result["speed"], "first_step_s": result["first_step_s"],
+                "max_step_loss_difference": max_loss_difference(result, base),
+            }
+            ablations.append(ablation)
+            print(json.dumps(ablation), flush=True)
+    return rows, ablations
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--fixed-only", action="store_true", help="skip the UltraChat workload")
+    parser.add_argument("--no-ablations", action="store_true", help="baseline and trainer only")
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--ultrachat", type=Path, default=None,
                         help="an ultrachat_200k-format .jsonl: adds the variable-length workload")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="a directory: write one profiled step's kernel table per run there")
     parser.add_argument("--models", type=Path, default=Path("/tmp/loranotes-bench-models"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+
+    if args.child:  # one variant, in a process of its own; rows go to OUT as JSON
+        peak_tflops = json.loads(args.out.read_text())["bf16_matmul_tflops"]
+        rows, ablations = run_variant(args.variants[0], args, peak_tflops)
+        args.out.write_text(json.dumps({"rows": rows, "ablations": ablations}))
+        return
 
     import peft
     import transformers
 
     card = torch.cuda.get_device_name()
-    peak_tflops = matmul_tflops()
+    peak_tflops = speedups.bf16_matmul_tflops(torch.device("cuda"))
     print(f"{card}: bf16 matmul {peak_tflops:.0f} TFLOP/s", flush=True)
-    rows = []
-    for variant, hub_id, quantization in VARIANTS:
-        directory = str(args.models / hub_id.replace("/", "--"))
-        save_random_model(hub_id, directory)
-        spec = KNOWN_ARCHITECTURES[hub_id]
-        n_params = parameter_count(spec)
-        workloads = {"fixed": fixed_batches(spec["vocab_size"], args.batch, args.seq_len)}
-        if args.ultrachat:
-            lengths = conversation_lengths(args.ultrachat, args.seq_len)
-            workloads["ultrachat"] = ultrachat_batches(
-                spec["vocab_size"], args.batch, lengths, args.warmup + args.steps
-            )
-        for workload, (baseline_batches, pipeline_batches) in workloads.items():
-            base = measure(baseline_model, baseline_step, directory, quantization,
-                           baseline_batches, args.steps, args.warmup)
-            ours = measure(pipeline_model, pipeline_step, directory, quantization,
-                           pipeline_batches, args.steps, args.warmup)
-            row = {
-                "variant": variant, "model": hub_id, "quantization": quantization,
-                "workload": workload, "batch": args.batch, "seq_len": args.seq_len,
-                "tokens_per_s": ours["tokens_per_s"],
-                "baseline_tokens_per_s": base["tokens_per_s"],
-                "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
-                "s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
-                "peak_gb": ours["peak_gb"], "baseline_peak_gb": base["peak_gb"],
-                "mfu": 4 * n_params * ours["tokens_per_s"] / (peak_tflops * 1e12),
-                "baseline_mfu": 4 * n_params * base["tokens_per_s"] / (peak_tflops * 1e12),
-                "first_step_loss": ours["losses"][0],
-                "baseline_first_step_loss": base["losses"][0],
-                "timing_spread": max(ours["spread"], base["spread"]),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     result = {
         "card": card,
         "bf16_matmul_tflops": peak_tflops,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__, "bitsandbytes": _version("bitsandbytes")},
-        "flops_per_token": "4 x parameters (forward + input-gradient backward; no recomputation)",
-        "rows": rows,
+        "versions": {package: _version(package) for package in
+                     ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel")},
+        "flops_per_token": "4 x matmul parameters (forward + input-gradient backward; "
+                           "no recomputation, no attention scores)",
+        "trainer_defaults": TRAINER,
+        "rows": [],
+        "ablations": [],
     }
+    if args.out.exists():  # keep the other variants' rows measured on this card
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("card") == card:
+            for key in ("rows", "ablations"):
+                result[key] = [r for r in earlier.get(key, []) if r["variant"] not in args.variants]
+    del peft, transformers
+    for variant in args.variants:
+        child_out = args.out.with_suffix(f".{variant}.part")
+        child_out.write_text(json.dumps({"bf16_matmul_tflops": peak_tflops}))
+        command = [sys.executable, __file__, str(child_out), "--child", "--variants", variant,
+                   "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                   "--models", str(args.models)]
+        if args.no_ablations:
+            command.append("--no-ablations")
+        if args.ultrachat and not args.fixed_only:
+            command += ["--ultrachat", str(args.ultrachat)]
+        if args.profile:
+            command += ["--profile", str(args.profile)]
+        subprocess.run(command, check=True)
+        part = json.loads(child_out.read_text())
+        child_out.unlink()
+        result["rows"] += part["rows"]
+        result["ablations"] += part["ablations"]
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after each variant
+    order = list(VARIANTS)
+    result["rows"].sort(key=lambda r: (order.index(r["variant"]), r["workload"]))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'variant':8}{'workload':11}{'tok/s':>9}{'base tok/s':>12}{'speedup':>9}"
-          f"{'peak GB':>9}{'base GB':>9}{'MFU':>7}")
-    for r in rows:
+    print_table(result)
+
+
+def print_table(result):
+    print(f"\n{result['card']}, bf16 matmul {result['bf16_matmul_tflops']:.0f} TFLOP/s")
+    print(f"{'variant':8}{'workload':11}{'tok/s':>9}{'base tok/s':>12}{'speedup':>9}"
+          f"{'peak GB':>9}{'base GB':>9}{'MFU':>7}{'loss diff':>11}")
+    for r in result["rows"]:
         print(f"{r['variant']:8}{r['workload']:11}{r['tokens_per_s']:9.0f}"
               f"{r['baseline_tokens_per_s']:12.0f}{r['speedup']:9.2f}{r['peak_gb']:9.1f}"
-              f"{r['baseline_peak_gb']:9.1f}{r['mfu']:7.1%}")
-
-
-def parameter_count(spec):
-    """Parameters of the architecture, from its config values (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    spec = dict(spec)
-    config = AutoConfig.for_model(spec.pop("architecture"), **spec)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    return sum(p.numel() for p in model.parameters())
+              f"{r['baseline_peak_gb']:9.1f}{r['mfu']:7.1%}{r['max_step_loss_difference']:11.4f}")
+    for a in result["ablations"]:
+        print(f"  {a['variant']} {a['workload']:10} {a['tokens_per_s']:7.0f} tok/s "
+              f"{a['speedup_vs_baseline']:5.2f}x {a['peak_gb']:6.1f} GB  {a['ablation']}")
 
 
 def _version(package):
     import importlib.metadata
 
-    return importlib.metadata.version(package)
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

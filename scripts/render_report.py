@@ -29,13 +29,25 @@ def cell(value):
     return re.sub(r"\s+", " ", text).replace("|", "\\|").strip()
 
 
+def missing(value):
+    """None, or NaN (how pandas reads an empty metrics.csv cell)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def num(value, digits=4):
     """A number as the report prints it; '—' for missing values."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if missing(value):
         return "—"
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
         return f"{int(value):,}"
     return f"{value:.{digits}f}"
+
+
+def percent(value, digits=1):
+    """A fraction as a percentage ("41.3%"); '—' for missing values."""
+    if missing(value):
+        return "—"
+    return f"{100 * value:.{digits}f}%"
 
 
 def read_json(path):
@@ -57,7 +69,8 @@ def render_report(template_path, config, metrics, data_stats, token_stats, sampl
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    env.filters.update(fence=fence, cell=cell, num=num)
+    env.filters.update(fence=fence, cell=cell, num=num, percent=percent)
+    env.tests["missing"] = missing
     report_dir = Path(report_path).parent
     rows = {row["variant"]: row for row in metrics.to_dict("records")}
     variants = [

@@ -1,9 +1,10 @@
 """Train one variant: LoRA on a base model (nf4 or not), loss on assistant tokens only.
 
 Reads the tokenized splits, writes the adapter (safetensors), a per-step CSV and a metrics JSON.
-A plain PyTorch loop: AdamW over the LoRA parameters, padded batches (or padding-free packed
-ones), optional gradient checkpointing; eval loss is measured on the held-out split before and
-after training.
+A plain PyTorch loop: AdamW over the LoRA parameters, padding-free packed batches (or padded
+ones), eval loss on the held-out split before and after training. The speed options (fused
+kernels, how many layers to checkpoint, packed attention) are set up in `train` and live in
+speedups.py.
 
 Every `checkpoint_every` steps the run's whole state (LoRA weights, optimizer, scheduler, RNG,
 the per-step records) goes to results/checkpoints/<variant>/step-N; a rerun after a crash or
@@ -29,6 +30,24 @@ from safetensors.torch import load_file, save_file
 from chat_format import IGNORE_INDEX
 from errors import LoranotesError, configure_logging, entry_point
 from model_sources import lora_layer_names_of, target_modules_problem
+from speedups import (
+    apply_fused_kernels,
+    bf16_matmul_tflops,
+    checkpoint_layers,
+    compile_decoder_layers,
+    decoder_layers,
+    default_memory_budget_gb,
+    enable_checkpointing,
+    flops_per_token,
+    fused_token_loss_sums,
+    keep_adapter_inputs_bf16,
+    lora_mixed_precision,
+    packed_sequence_bounds,
+    plan_checkpointing,
+    use_fused_kernels,
+    use_varlen_attention,
+    varlen_attention_available,
+)
 from modeling import (
     load_base_model,
     load_tokenizer,
@@ -74,7 +93,8 @@ def collate(examples, pad_id, device):
 def pack(examples, pad_id, device):
     """A batch as one padding-free row: the conversations back to back, positions restarting at 0
     for each. transformers sees the restarts in position_ids and keeps the conversations apart
-    (a block-diagonal causal mask, or variable-length flash attention), so no compute is spent
+    (a block-diagonal causal mask); on CUDA the conversations' offsets let attention run as
+    variable-length flash attention instead (speedups.varlen_attention). No compute is spent
     on padding. `pad_id` is unused; it keeps the signature of `collate`.
     """
     input_ids, labels, position_ids = [], [], []
@@ -87,6 +107,7 @@ def pack(examples, pad_id, device):
         "input_ids": torch.tensor([input_ids], device=device),
         "labels": torch.tensor([labels], device=device),
         "position_ids": torch.tensor([position_ids], device=device),
+        **packed_sequence_bounds([len(ids) for ids, _ in examples], device),
     }
 
 
@@ -125,16 +146,21 @@ def token_loss_sums(logits, labels):
     return loss_sum, correct, mask.sum()
 
 
-def forward_backward(model, batch, scale=1.0):
+def forward_backward(model, batch, scale=1.0, fused_loss=False):
     """Forward and backward pass of one micro-batch; gradients of its mean loss times `scale`.
+    `fused_loss`: Liger's fused linear cross-entropy instead of logits (speedups.py).
 
     Returns (mean loss, correct predictions, target tokens, non-padding tokens).
     """
-    logits = model(**model_inputs(batch)).logits
-    loss_sum, correct, targets = token_loss_sums(logits, batch["labels"])
-    # The autograd graph keeps what backward needs; holding the logits through backward too would
-    # add their size to the peak (2.5 GB for Qwen3-4B at 4 x 1024, measured on an H100).
-    del logits
+    with lora_mixed_precision(batch["input_ids"].device):
+        if fused_loss:
+            loss_sum, correct, targets = fused_token_loss_sums(model, model_inputs(batch), batch["labels"])
+        else:
+            logits = model(**model_inputs(batch)).logits
+            loss_sum, correct, targets = token_loss_sums(logits, batch["labels"])
+            # The autograd graph keeps what backward needs; holding the logits through backward
+            # too would add their size to the peak (2.5 GB for Qwen3-4B at 4 x 1024, on an H100).
+            del logits
     (loss_sum / targets * scale).backward()
     tokens = batch["attention_mask"].sum() if "attention_mask" in batch else batch["input_ids"].numel()
     return loss_sum.item() / targets.item(), correct.item(), targets.item(), int(tokens)
@@ -148,7 +174,10 @@ def evaluate(model, examples, batch_size, pad_id, device):
     loss_sum, correct, count = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id, device)
-        logits = model(**model_inputs(batch)).logits
+        # Compiled layers (training.compile) run eagerly here: a few eval batches of new shapes
+        # without gradients are not worth another compilation.
+        with lora_mixed_precision(device), torch.compiler.set_stance("force_eager"):
+            logits = model(**model_inputs(batch)).logits
         batch_loss, batch_correct, batch_count = token_loss_sums(logits, batch["labels"])
         loss_sum += batch_loss.item()
         correct += batch_correct.item()
@@ -166,19 +195,75 @@ def make_scheduler(optimizer, training):
     )
 
 
-def attach_lora(model, lora, quantized, gradient_checkpointing):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+def attach_lora(model, lora, gradient_checkpointing):
+    """LoRA adapters on the frozen model; checkpointing enabled on every decoder layer (the
+    policy in `train` then keeps some layers' activations).
 
-    if quantized:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
+    Not peft's prepare_model_for_kbit_training: it casts the norms (and embeddings) of a 4-bit
+    model to float32, which turns every activation after them float32 too: twice the activation
+    memory and float32 attention (measured in bench/speed.py).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        enable_checkpointing(model)
     config = LoraConfig(
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"], task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def load_for_training(model_path, quantization, lora, training, device, trust_remote_code=False):
+    """The base model with the run's speed options applied and LoRA attached, in train mode.
+    Returns it and which speed-ups are on."""
+    model = load_base_model(model_path, quantization, device, trust_remote_code)
+    # The config check knows only architectures it can build offline; this covers hub models.
+    problem = target_modules_problem(lora["target_modules"], lora_layer_names_of(model), model_path)
+    if problem:
+        raise TrainingError(f"lora.target_modules: {problem}")
+    fused = use_fused_kernels(training["fused_kernels"], model.config.model_type, device)
+    if fused and not training["compile"]:  # compiled layers get their norms etc. fused anyway
+        apply_fused_kernels(model)
+    varlen = training["packing"] and varlen_attention_available(device)
+    if varlen:
+        use_varlen_attention(model)
+    model = attach_lora(model, lora, training["gradient_checkpointing"] is not False)
+    if device.type == "cuda":
+        keep_adapter_inputs_bf16(model)
+    compiled = training["compile"] and device.type == "cuda"
+    if compiled:
+        compile_decoder_layers(model)
+    model.train()  # transformers 5 loads in eval mode; dropout and checkpointing need train mode
+    return model, {"fused_kernels": fused, "varlen_attention": varlen, "compiled": compiled}
+
+
+def choose_checkpointing(model, training, probe_batch, fused_loss):
+    """Apply training.gradient_checkpointing; returns how many decoder layers are checkpointed.
+
+    true: all; false: none; auto: on CUDA only as many as keep a step of `probe_batch` (the
+    run's largest) within training.memory_budget_gb (default: 90% of the card), measured; on
+    CPU none.
+    """
+    device = probe_batch["input_ids"].device
+    layer_count = len(decoder_layers(model))
+    setting = training["gradient_checkpointing"]
+    if setting is False or (setting == "auto" and device.type != "cuda"):
+        checkpoint_layers(model, 0)
+        return 0
+    if setting is True:
+        checkpoint_layers(model, layer_count)
+        return layer_count
+    budget = training["memory_budget_gb"] or default_memory_budget_gb(device)
+
+    def step_peak_gb():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        forward_backward(model, probe_batch, fused_loss=fused_loss)
+        model.zero_grad(set_to_none=True)
+        return torch.cuda.max_memory_allocated(device) / 1e9
+
+    return plan_checkpointing(model, step_peak_gb, budget)
 
 
 def run_fingerprint(model_path, quantization, training, lora, data_paths):
@@ -268,6 +353,8 @@ def summarize(steps, eval_before, eval_after, device_metrics, params):
     frame = pd.DataFrame(steps)
     tail = frame.tail(max(1, math.ceil(len(frame) * 0.1)))  # last 10% of steps
     timed = frame.iloc[WARMUP_STEPS_EXCLUDED:] if len(frame) > WARMUP_STEPS_EXCLUDED else frame
+    tokens_per_s = float(timed["tokens"].sum() / timed["seconds"].sum())
+    peak_tflops = params.get("bf16_matmul_tflops")
     return {
         "steps": len(frame),
         "final_train_loss": float(tail["loss"].mean()),
@@ -278,7 +365,9 @@ def summarize(steps, eval_before, eval_after, device_metrics, params):
         "eval_accuracy_before": eval_before[1],
         "eval_accuracy_after": eval_after[1],
         "median_s_per_step": float(statistics.median(timed["seconds"])),
-        "tokens_per_s": float(timed["tokens"].sum() / timed["seconds"].sum()),
+        "tokens_per_s": tokens_per_s,
+        # model FLOPs utilization: useful FLOPs per second over the card's measured bf16 rate
+        "mfu": tokens_per_s * params["flops_per_token"] / (peak_tflops * 1e12) if peak_tflops else None,
         "train_seconds": float(frame["seconds"].sum()),
         "train_tokens": int(frame["tokens"].sum()),
         **device_metrics,
@@ -301,22 +390,27 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     train_examples = read_tokenized(train_path)
     eval_examples = read_tokenized(eval_path)
     reset_peak_memory(device)
-    model = load_base_model(model_path, quantization, device, trust_remote_code)
-    # The config check knows only architectures it can build offline; this covers hub models.
-    problem = target_modules_problem(lora["target_modules"], lora_layer_names_of(model), model_path)
-    if problem:
-        raise TrainingError(f"lora.target_modules: {problem}")
-    model = attach_lora(model, lora, quantization == "nf4", training["gradient_checkpointing"])
-    model.train()  # transformers 5 loads in eval mode; dropout and checkpointing need train mode
+    model, speed = load_for_training(model_path, quantization, lora, training, device, trust_remote_code)
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights unpacked
     log.info("LoRA r=%d on %s: %s trainable of %s parameters", lora["r"],
              ",".join(lora["target_modules"]), f"{trainable:,}", f"{total:,}")
+
+    make_batch = pack if training["packing"] else collate
+    # The run's largest batch: what the checkpointing policy must fit in memory.
+    largest = sorted(train_examples, key=lambda example: len(example[0]))[-training["batch_size"]:]
+    speed["gradient_checkpointing_layers"] = choose_checkpointing(
+        model, training, make_batch(largest, pad_id, device), speed["fused_kernels"]
+    )
+    speed["decoder_layers"] = len(decoder_layers(model))
+    log.info("speed: fused kernels %s, packing %s%s, gradient checkpointing on %d of %d layers",
+             "on" if speed["fused_kernels"] else "off", "on" if training["packing"] else "off",
+             " (variable-length flash attention)" if speed["varlen_attention"] else "",
+             speed["gradient_checkpointing_layers"], speed["decoder_layers"])
 
     lora_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=training["lr"], weight_decay=training["weight_decay"])
     scheduler = make_scheduler(optimizer, training)
     batches = batches_forever(train_examples, training["batch_size"], training["seed"])
-    make_batch = pack if training["packing"] else collate
     fingerprint = run_fingerprint(model_path, quantization, training, lora, [train_path, eval_path])
     checkpoint = latest_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
     if checkpoint:
@@ -341,7 +435,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
             batch = make_batch(next(batches), pad_id, device)
             # Micro-batches weigh equally (each is a mean over its targets), as in HF Trainer.
             loss, batch_correct, batch_targets, batch_tokens = forward_backward(
-                model, batch, scale=1 / training["grad_accum"]
+                model, batch, scale=1 / training["grad_accum"], fused_loss=speed["fused_kernels"]
             )
             loss_sum += loss / training["grad_accum"]
             correct += batch_correct
@@ -393,6 +487,10 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         "total_params": total,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "random_init": bool(model_info(model_path).get("random_init")),
+        **speed,
+        "flops_per_token": flops_per_token(model),
+        # MFU's denominator; on CPU there is no comparable matmul peak
+        "bf16_matmul_tflops": bf16_matmul_tflops(device) if device.type == "cuda" else None,
     }
     metrics = summarize(steps, eval_before, eval_after, train_memory, params)
     # metrics.json comes last and whole (written, then renamed): it exists only for a finished run.

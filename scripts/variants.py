@@ -11,6 +11,8 @@ runs when the Snakefile is parsed, so `snakemake -n` already fails on a bad conf
 import copy
 import difflib
 
+import yaml
+
 from errors import LoranotesError
 from model_sources import ModelError, lora_layer_names, local_model_problem, target_modules_problem
 
@@ -25,8 +27,11 @@ TRAINING_DEFAULTS = {
     "max_grad_norm": 1.0,
     "max_length": 1024,
     "eval_batch_size": 8,
-    "gradient_checkpointing": False,
-    "packing": False,
+    "gradient_checkpointing": "auto",
+    "memory_budget_gb": None,
+    "packing": True,
+    "fused_kernels": "auto",
+    "compile": True,
     "device": "auto",
     "seed": 0,
     "checkpoint_every": 50,
@@ -108,7 +113,8 @@ def explain_schema_error(error):
             hint = " (YAML reads 1e-4 as a string: write 1.0e-4)"
         return [f"{where}: expected {error.validator_value}, got {value}{hint}"]
     if error.validator == "enum":
-        options = ", ".join(map(str, error.validator_value))
+        options = ", ".join(yaml.safe_dump(option).removesuffix("\n...\n").strip()
+                            for option in error.validator_value)  # as YAML spells them: true
         return [f"{where}: {value} is not one of: {options}"]
     if error.validator == "oneOf":
         options = [" + ".join(option.get("required", ["?"])) for option in error.validator_value]

@@ -59,16 +59,21 @@ def write_json(path, data):
     return str(path)
 
 
-def render(workdir, random_init=(True, False), completions=("plain answer", NASTY), skipped=None):
-    """Lay out a finished run's files in workdir/results, render the report, return its text."""
+def render(workdir, random_init=(True, False), completions=("plain answer", NASTY), skipped=None,
+           drop=()):
+    """Lay out a finished run's files in workdir/results, render the report, return its text.
+
+    drop: metrics.json keys left out, as in files written by an older train.py.
+    """
     config = experiment()
     results = workdir / "results"
     variants = list(config["variants"].values())
-    metrics = [
-        write_json(results / "variants" / v["name"] / "metrics.json",
-                   fake_metrics(i, random_init=random_init[i]))
-        for i, v in enumerate(variants)
-    ]
+    metrics = []
+    for i, v in enumerate(variants):
+        written = fake_metrics(i, random_init=random_init[i])
+        for key in drop:
+            del written[key]
+        metrics.append(write_json(results / "variants" / v["name"] / "metrics.json", written))
     metrics_csv = results / "metrics.csv"
     collect_metrics.collect(variants, metrics).to_csv(metrics_csv, index=False)
     tokens = {"prompt_format": "tokenizer chat template", "max_length": 256,
@@ -164,6 +169,31 @@ def test_variant_sections_describe_the_setup_and_what_changed(tmp_path):
     assert "12 steps" in v1 and "LoRA r=2" in v1
     v2 = section(report, "v2: no quantization")
     assert "From v1, changed:\n- `quantization`: nf4 → none\n" in v2
+
+
+def test_mfu_is_shown_as_a_percentage_and_as_a_dash_when_null(tmp_path):
+    report = render(tmp_path)
+    v1, v2 = fake_metrics(0), fake_metrics(1)
+    assert v1["mfu"] is None and v2["mfu"] is not None
+    assert [row["MFU"] for row in stats_table(report)] == ["—", f"{100 * v2['mfu']:.1f}%"]
+    assert "MFU" not in section(report, "v1: nf4 baseline")
+    assert f"tokens/s (MFU {100 * v2['mfu']:.1f}%) on cpu" in section(report, "v2: no quantization")
+    assert "; gradient checkpointing on 0 of 4 layers\n" in section(report, "v1: nf4 baseline")
+    assert "; gradient checkpointing on 1 of 4 layers\n" in section(report, "v2: no quantization")
+
+
+def test_metrics_without_mfu_keys_still_render(tmp_path):
+    """metrics.json written before train.py measured MFU: the table shows '—', the sections
+    leave MFU and gradient checkpointing out."""
+    new_keys = ["mfu", "bf16_matmul_tflops", "flops_per_token", "gradient_checkpointing_layers",
+                "decoder_layers"]
+    report = render(tmp_path, drop=new_keys)
+    assert [row["MFU"] for row in stats_table(report)] == ["—", "—"]
+    assert_stats_table_matches(report, pd.read_csv(tmp_path / "results" / "metrics.csv"))
+    for heading in ("v1: nf4 baseline", "v2: no quantization"):
+        bullets = section(report, heading)
+        assert "tokens/s on cpu; peak memory" in bullets
+        assert "MFU" not in bullets and "checkpointing" not in bullets
 
 
 def test_skipped_rows_are_reported(tmp_path):

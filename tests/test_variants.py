@@ -178,3 +178,35 @@ def test_dry_run_stops_on_a_bad_config_with_the_message(tmp_path):
     assert result.returncode != 0
     assert "bad.yaml: variants.v3.from: 'v9' is not a variant" in output, output
     assert not (workdir / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("gradient_checkpointing", "sometimes",
+         "training.gradient_checkpointing: 'sometimes' is not one of: auto, true, false"),
+        ("memory_budget_gb", 0, "training.memory_budget_gb: "),
+        ("fused_kernels", "unsloth", "training.fused_kernels: "),
+        ("compile", "yes", "training.compile: "),
+        ("packing", "on", "training.packing: "),
+    ],
+)
+def test_speed_options_are_checked_with_the_key_named(setting, value, message):
+    from variants import validate_config
+
+    config = base_config()
+    config["training"][setting] = value
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, REPO / "schemas" / "config.schema.yaml", "exp.yaml")
+    assert str(error.value).startswith(f"exp.yaml: {message}")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_gradient_checkpointing_takes_auto_or_a_boolean(value):
+    from variants import validate_config
+
+    config = base_config()
+    config["training"].update(gradient_checkpointing=value, memory_budget_gb=12.5)
+    validate_config(config, REPO / "schemas" / "config.schema.yaml", "exp.yaml")
+    assert resolve_config(config)["variants"]["v2"]["training"]["gradient_checkpointing"] == value

@@ -57,6 +57,11 @@ def fake_metrics(index, **overrides):
         "total_params": 100000,
         "device": "cpu",
         "random_init": index % 2 == 0,
+        "mfu": None if index == 0 else 0.2 + index / 19,
+        "bf16_matmul_tflops": None if index == 0 else 700.0 + index,
+        "flops_per_token": 4.0 * 100000,
+        "gradient_checkpointing_layers": index,
+        "decoder_layers": 4,
         **overrides,
     }
 
@@ -119,10 +124,13 @@ def stats_table(report_text):
 
 
 def shown_number(text):
-    """A number as the report prints it ("2,432", "7.5264") and how far rounding can move it."""
+    """A number as the report prints it ("2,432", "7.5264", "41.3%" for 0.413) and how far
+    rounding can move it."""
     text = text.strip()
+    scale = 0.01 if text.endswith("%") else 1.0
+    text = text.removesuffix("%")
     decimals = len(text.split(".")[1]) if "." in text else 0
-    return float(text.replace(",", "")), 0.5 * 10.0**-decimals * (1 + 1e-9)
+    return scale * float(text.replace(",", "")), scale * 0.5 * 10.0**-decimals * (1 + 1e-9)
 
 
 def assert_shown(text, expected, what):
@@ -140,6 +148,7 @@ NUMBER_COLUMNS = {
     "Runtime (s)": "train_seconds",
     "s/step": "median_s_per_step",
     "Tokens/s": "tokens_per_s",
+    "MFU": "mfu",
     "Trainable params": "trainable_params",
 }
 
@@ -156,6 +165,7 @@ def assert_stats_table_matches(report_text, metrics):
         assert row["Quantization"] == record["quantization"], name
         for column, key in NUMBER_COLUMNS.items():
             assert_shown(row[column], record[key], f"{name} {column}")
+        assert re.fullmatch(r"—|\d+\.\d%", row["MFU"]), f"{name} MFU: {row['MFU']}"
         before, after = row["Eval loss (before → after)"].split(" → ")
         assert_shown(before, record["eval_loss_before"], f"{name} eval loss before")
         assert_shown(after, record["eval_loss_after"], f"{name} eval loss after")

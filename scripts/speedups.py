@@ -1,0 +1,302 @@
+"""The trainer's speed features, each behind a `training:` option and measured in bench/speed.py.
+
+- fused_kernels: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE, and its fused linear
+  cross-entropy, which computes the loss chunk by chunk from the last hidden states and never
+  holds the batch x length x vocabulary logits.
+- gradient_checkpointing: auto: recompute only as many decoder layers as the memory budget
+  requires, measured on the run's largest batch before training.
+- packing (see train.pack): on CUDA, attention over the packed conversations runs as
+  variable-length flash attention, which computes no score between two conversations.
+- compile: torch.compile of each decoder layer's attention and MLP, LoRA included: fewer kernels
+  and far less Python per step (the uncompiled trainer leaves the GPU waiting for the CPU).
+- mixed precision: LoRA weights stay float32 for the optimizer; on CUDA their matmuls run in
+  bf16 under autocast, without the float32 copy of every adapter input that peft makes otherwise.
+
+Also the numbers behind MFU: FLOPs per token and the card's measured bf16 matmul rate.
+"""
+
+import contextlib
+import importlib.util
+import inspect
+import logging
+import math
+import time
+
+import torch
+
+from chat_format import IGNORE_INDEX
+from errors import LoranotesError
+
+log = logging.getLogger("loranotes.train")
+
+# Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling,
+# so the fused loss equals the plain one. Liger patches their norms, MLP and RoPE.
+FUSED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+VARLEN_ATTENTION = "loranotes_varlen"
+
+
+class SpeedupError(LoranotesError):
+    """A speed option that this machine or model cannot honour."""
+
+
+# --- fused kernels (Liger) -----------------------------------------------------------------------
+
+def use_fused_kernels(setting, model_type, device):
+    """Whether to run Liger's kernels: `auto` takes them where they work (CUDA, a supported
+    architecture, liger-kernel installed); `liger` insists; `none` never."""
+    if setting == "none":
+        return False
+    problem = None
+    if device.type != "cuda":
+        problem = "they are Triton kernels and need a CUDA GPU"
+    elif model_type not in FUSED_MODEL_TYPES:
+        problem = f"model type {model_type!r} is not one of {sorted(FUSED_MODEL_TYPES)}"
+    elif importlib.util.find_spec("liger_kernel") is None:
+        problem = "liger-kernel is not installed (`pip install liger-kernel`)"
+    if problem and setting == "liger":
+        raise SpeedupError(f"training.fused_kernels is 'liger', but {problem}; set it to auto or none")
+    if problem:
+        log.info("fused kernels off: %s", problem)
+    return problem is None
+
+
+def apply_fused_kernels(model):
+    """Swap this model's RMSNorm, SwiGLU MLP and RoPE for Liger's kernels (the loss is fused
+    separately, in fused_token_loss_sums). Call before attaching LoRA.
+
+    Liger patches transformers' modeling module itself (RoPE is a module-level function), so
+    every model of this architecture built later in the process gets the kernels too: the
+    pipeline trains each variant in a process of its own.
+    """
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(
+        model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+
+
+def compile_decoder_layers(model):
+    """torch.compile each decoder layer's attention and MLP (LoRA included): fewer, fused
+    kernels and far less Python per step. The layers share one compiled graph; the
+    checkpointing wrapper stays outside it, so the policy still applies per layer."""
+    import torch._dynamo
+
+    # A model torch.compile cannot trace runs uncompiled, with a warning, rather than failing.
+    torch._dynamo.config.suppress_errors = True
+    for layer in decoder_layers(model):
+        for name, child in layer.named_children():
+            if name in ("self_attn", "mlp"):
+                child.compile(dynamic=None)
+
+
+def fused_token_loss_sums(model, inputs, labels):
+    """token_loss_sums without logits: the decoder's last hidden states go through Liger's fused
+    linear cross-entropy, chunk by chunk, with the gradient computed in the forward pass."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    causal_lm = model.get_base_model()  # the transformers model inside peft
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
+    hidden = decoder(**inputs).last_hidden_state
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    loss_fn = LigerFusedLinearCrossEntropyLoss(
+        ignore_index=IGNORE_INDEX, reduction="sum", return_predicted_tokens=True
+    )
+    head = causal_lm.get_output_embeddings().weight
+    out = loss_fn(head, hidden.view(-1, hidden.size(-1)), targets.view(-1))
+    mask = targets != IGNORE_INDEX
+    correct = ((out.predicted_tokens.view_as(targets) == targets) & mask).sum()
+    return out.loss, correct, mask.sum()
+
+
+# --- mixed precision -----------------------------------------------------------------------------
+
+def keep_adapter_inputs_bf16(model):
+    """Stop peft from casting each adapter's input to the adapter's dtype (float32): on a bf16
+    model that is a float32 copy of the input of every one of the 7 projections in every layer,
+    kept for backward. lora_mixed_precision casts the (tiny) adapter weights instead."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+
+
+def lora_mixed_precision(device):
+    """float32 LoRA weights for the optimizer, bf16 LoRA matmuls: autocast on CUDA."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+# --- gradient checkpointing policy ---------------------------------------------------------------
+
+def decoder_layers(model):
+    """The model's decoder layers, the units that gradient checkpointing recomputes."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def enable_checkpointing(model):
+    # Non-reentrant checkpointing needs no requires_grad on the inputs and allows checkpointing
+    # some layers and not others.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def checkpoint_layers(model, count):
+    """Checkpoint the first `count` decoder layers, keep the activations of the others."""
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index < count
+    return len(layers)
+
+
+def layers_to_checkpoint(layer_count, peak_all_gb, extra_per_layer_gb, budget_gb):
+    """Fewest checkpointed layers whose predicted peak fits the budget.
+
+    Peak memory grows linearly with the number of layers that keep their activations: from
+    `peak_all_gb` (all checkpointed) by `extra_per_layer_gb` per layer kept.
+    """
+    if extra_per_layer_gb <= 0:
+        return 0
+    kept = math.floor((budget_gb - peak_all_gb) / extra_per_layer_gb)
+    return layer_count - min(layer_count, max(0, kept))
+
+
+def plan_checkpointing(model, step_peak_gb, budget_gb, probe_layers=4):
+    """Checkpoint only as many decoder layers as `budget_gb` requires; returns how many.
+
+    `step_peak_gb()` runs one forward and backward on the run's largest batch and returns the
+    peak memory it allocated. Two such probes (all layers checkpointed, then `probe_layers`
+    fewer) give the memory per kept layer; a third checks the chosen split, and each layer that
+    still overshoots is checkpointed again.
+    """
+    layer_count = checkpoint_layers(model, len(decoder_layers(model)))
+    peak_all = step_peak_gb()
+    if peak_all > budget_gb:
+        log.warning("even with every layer checkpointed a step peaks at %.2f GB, over the "
+                    "%.2f GB budget (training.memory_budget_gb)", peak_all, budget_gb)
+        return layer_count
+    probe = min(probe_layers, layer_count)
+    checkpoint_layers(model, layer_count - probe)
+    try:
+        extra = (step_peak_gb() - peak_all) / probe
+    except torch.cuda.OutOfMemoryError:
+        checkpoint_layers(model, layer_count)
+        return layer_count
+    count = layers_to_checkpoint(layer_count, peak_all, extra, budget_gb)
+    while count < layer_count:
+        checkpoint_layers(model, count)
+        try:
+            peak = step_peak_gb()
+        except torch.cuda.OutOfMemoryError:
+            peak = math.inf
+        if peak <= budget_gb:
+            break
+        count += 1
+    checkpoint_layers(model, count)
+    log.info("gradient checkpointing: %d of %d layers (%.2f GB with all, %.3f GB per layer kept, "
+             "budget %.2f GB)", count, layer_count, peak_all, extra, budget_gb)
+    return count
+
+
+def default_memory_budget_gb(device):
+    """Most of the card: leave 10% to the allocator's fragmentation and other processes."""
+    return 0.9 * torch.cuda.get_device_properties(device).total_memory / 1e9
+
+
+# --- variable-length attention for packed batches -----------------------------------------------
+
+def varlen_attention_available(device):
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+    except ImportError:
+        return False
+    return device.type == "cuda"
+
+
+def use_varlen_attention(model):
+    """Route this model's attention through varlen_attention (packed batches get flash
+    attention per conversation; other batches the usual SDPA)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(VARLEN_ATTENTION)
+
+
+def packed_sequence_bounds(lengths, device):
+    """What variable-length attention needs for conversations of `lengths` packed in one row:
+    cumulative offsets (int32, on the device) and the longest length."""
+    offsets = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    # transformers' names for these (its flash-attention kwargs); other attention ignores them
+    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets,
+            "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention interface: flash attention per packed conversation when the batch
+    carries `cu_seq_lens_q` (train.pack), SDPA with the mask otherwise (padded batches, eval)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask,
+                                      scaling=scaling, dropout=dropout, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    # (1, heads, tokens, dim) -> (tokens, heads, dim)
+    query, key, value = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    if key.size(1) != query.size(1):  # grouped-query attention: one key head per group
+        groups = query.size(1) // key.size(1)
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    max_length = kwargs["max_length_q"]
+    out = varlen_attn(query, key, value, bounds, bounds, max_length, max_length,
+                      scale=scaling, **_CAUSAL)
+    return out.unsqueeze(0), None  # (1, tokens, heads, dim), no attention weights
+
+
+def _causal_argument():
+    """torch 2.10/2.11 take is_causal=True; later versions a window of (-1, 0)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return {}
+    parameters = inspect.signature(varlen_attn).parameters
+    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+
+
+_CAUSAL = _causal_argument()
+
+
+# --- MFU -----------------------------------------------------------------------------------------
+
+def flops_per_token(model):
+    """4 x the parameters of the model's matmuls (lm_head included, embeddings and LoRA not):
+    2N forward and 2N for the input gradients in backward. Frozen weights get no weight
+    gradient, recomputation is not useful work, attention scores are left out."""
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
+            total += module.in_features * module.out_features  # 4-bit weights are packed
+    return 4 * total
+
+
+def bf16_matmul_tflops(device, size=8192, repeats=10):
+    """The card's bf16 matmul rate, measured: the denominator of MFU."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12

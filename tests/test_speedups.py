@@ -1,0 +1,170 @@
+"""The trainer's speed options keep training the same: partial gradient checkpointing gives the
+same gradients, the checkpointing policy fits the memory budget with as few recomputed layers
+as it can, packed variable-length attention equals padded batches, and options that cannot run
+here say so."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from chat_format import IGNORE_INDEX
+from speedups import (
+    SpeedupError,
+    checkpoint_layers,
+    decoder_layers,
+    enable_checkpointing,
+    flops_per_token,
+    layers_to_checkpoint,
+    plan_checkpointing,
+    use_fused_kernels,
+    use_varlen_attention,
+)
+from train import attach_lora, collate, forward_backward, pack
+
+LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+
+
+def tiny_model(layers=4, kv_heads=2):
+    config = AutoConfig.for_model(
+        "llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def examples(lengths=(7, 12, 4, 9)):
+    generator = torch.Generator().manual_seed(1)
+    result = []
+    for length in lengths:
+        ids = torch.randint(0, 97, (length,), generator=generator).tolist()
+        result.append((ids, [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]))
+    return result
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = forward_backward(model, batch)[0]
+    return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def assert_same(first, second, tolerance=1e-5):
+    assert abs(first[0] - second[0]) < tolerance
+    for a, b in zip(first[1], second[1]):
+        assert torch.allclose(a, b, atol=tolerance)
+
+
+def test_checkpointing_some_layers_gives_the_gradients_of_none_and_all():
+    model = attach_lora(tiny_model(), LORA, gradient_checkpointing=True)
+    model.train()
+    batch = collate(examples(), pad_id=0, device="cpu")
+    results = {}
+    for count in (0, 2, 4):
+        assert checkpoint_layers(model, count) == 4
+        flags = [layer.gradient_checkpointing for layer in decoder_layers(model)]
+        assert flags == [True] * count + [False] * (4 - count)
+        results[count] = loss_and_grads(model, batch)
+    assert_same(results[2], results[0])
+    assert_same(results[4], results[0])
+
+
+@pytest.mark.parametrize(
+    "peak_all, per_layer, budget, expected",
+    [
+        (10.0, 1.0, 42.5, 0),    # everything fits: nothing recomputed
+        (10.0, 1.0, 40.0, 2),    # 30 layers keep activations
+        (10.0, 1.0, 10.0, 32),   # only full checkpointing fits
+        (10.0, 1.0, 9.0, 32),    # not even that: still all, the run warns
+        (10.0, 1.0, 20.5, 22),   # 10 layers keep activations, 22 are recomputed
+        (10.0, 0.0, 11.0, 0),    # activations cost nothing measurable
+    ],
+)
+def test_layers_to_checkpoint_is_the_fewest_that_fit(peak_all, per_layer, budget, expected):
+    assert layers_to_checkpoint(32, peak_all, per_layer, budget) == expected
+
+
+def fake_peaks(model, base_gb, per_layer_gb, misestimate_gb=0.0):
+    """A step's peak as plan_checkpointing would measure it: linear in the layers not
+    checkpointed, plus a surprise once more than 4 layers keep their activations."""
+    def step_peak_gb():
+        kept = sum(not layer.gradient_checkpointing for layer in decoder_layers(model))
+        return base_gb + per_layer_gb * kept + (misestimate_gb if kept > 4 else 0.0)
+    return step_peak_gb
+
+
+def test_checkpointing_policy_recomputes_only_what_the_budget_needs(caplog):
+    model = attach_lora(tiny_model(layers=12), LORA, gradient_checkpointing=True)
+    with caplog.at_level(logging.INFO, logger="loranotes.train"):
+        count = plan_checkpointing(model, fake_peaks(model, 8.0, 0.5), budget_gb=11.2)
+    assert count == 6  # 6 layers x 0.5 GB kept on top of 8 GB fits 11.2; 7 would not
+    assert sum(layer.gradient_checkpointing for layer in decoder_layers(model)) == 6
+    assert "6 of 12 layers" in caplog.text
+
+
+def test_checkpointing_policy_checks_its_choice_and_backs_off():
+    model = attach_lora(tiny_model(layers=12), LORA, gradient_checkpointing=True)
+    # the linear estimate says 6 layers fit; the real peak is 0.8 GB higher beyond 4 kept layers
+    count = plan_checkpointing(model, fake_peaks(model, 8.0, 0.5, misestimate_gb=0.8), budget_gb=11.2)
+    kept = 12 - count
+    assert 8.0 + 0.5 * kept + (0.8 if kept > 4 else 0) <= 11.2
+    assert count == 8  # 4 kept: the most that fit
+
+
+def test_checkpointing_policy_over_budget_checkpoints_everything(caplog):
+    model = attach_lora(tiny_model(layers=4), LORA, gradient_checkpointing=True)
+    with caplog.at_level(logging.WARNING, logger="loranotes.train"):
+        assert plan_checkpointing(model, fake_peaks(model, 8.0, 0.5), budget_gb=7.0) == 4
+    assert "memory_budget_gb" in caplog.text
+
+
+def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, **causal):
+    """torch's varlen_attn, spelled out: causal attention within each packed sequence."""
+    assert causal in ({"is_causal": True}, {"window_size": (-1, 0)})
+    assert query.shape[1] == key.shape[1], "varlen_attention repeats key heads for GQA"
+    outputs = []
+    for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))
+        outputs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale).transpose(0, 1))
+    assert max_q == max(b - a for a, b in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist()))
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
+def test_packed_varlen_attention_equals_padded_batches(monkeypatch, kv_heads):
+    import torch.nn.attention.varlen as varlen
+
+    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+    model = attach_lora(tiny_model(layers=2, kv_heads=kv_heads), LORA, gradient_checkpointing=False)
+    model.train()
+    padded = loss_and_grads(model, collate(examples(), pad_id=0, device="cpu"))
+    use_varlen_attention(model)
+    calls = []
+    original = varlen.varlen_attn
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
+    packed = loss_and_grads(model, pack(examples(), pad_id=0, device="cpu"))
+    assert len(calls) == 2  # one per layer: the packed batch went through varlen attention
+    assert_same(packed, padded)
+    # padded batches (eval) still take SDPA with their padding mask
+    assert_same(loss_and_grads(model, collate(examples(), pad_id=0, device="cpu")), padded)
+    assert len(calls) == 2
+
+
+def test_fused_kernels_say_why_they_cannot_run_here():
+    cpu = torch.device("cpu")
+    assert use_fused_kernels("auto", "llama", cpu) is False
+    assert use_fused_kernels("none", "llama", cpu) is False
+    with pytest.raises(SpeedupError, match="fused_kernels is 'liger'.*CUDA GPU.*auto or none"):
+        use_fused_kernels("liger", "llama", cpu)
+
+
+def test_flops_per_token_counts_the_matmuls_once():
+    model = tiny_model(layers=2, kv_heads=2)
+    # per layer: q, o 32x32; k, v 32x16 (2 of 4 heads); gate, up, down 32x64; lm_head 32x97
+    per_layer = 2 * 32 * 32 + 2 * 32 * 16 + 3 * 32 * 64
+    expected = 4 * (2 * per_layer + 32 * 97)
+    assert flops_per_token(model) == expected
+    enable_checkpointing(model)
+    assert flops_per_token(attach_lora(model, LORA, gradient_checkpointing=True)) == expected
