@@ -53,7 +53,9 @@ VARIANTS = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 1, "alpha": 2, "dropout": 0.0, "target_modules": TARGETS}
-TRAINER = {key: TRAINING_DEFAULTS[key] for key in ("fused_kernels", "gradient_checkpointing", "packing", "compile")}
+TRAINER = {key: TRAINING_DEFAULTS[key] for key in
+           ("fused_kernels", "gradient_checkpointing", "packing", "batch_tokens", "compile")}
+DEVICE = "cuda"  # tests/test_bench.py runs the trainer's side on the CPU
 # name -> (trainer options changed from the defaults, workload); the memory budget is the
 # baseline's peak unless the ablation turns the policy off.
 ABLATIONS = {
@@ -65,6 +67,7 @@ ABLATIONS = {
     },
     "ultrachat": {
         "padded batches (packing off)": {"packing": False},
+        "batches of up to 4 x 1024 tokens (training.batch_tokens: 4096)": {"batch_tokens": 4096},
     },
 }
 
@@ -120,7 +123,7 @@ def trainer_model(path, quantization, options, probe_batch, budget_gb):
     if options.get("varlen") is False:  # the ablation: packed batches through SDPA's mask
         train.varlen_attention_available = lambda device: False
     torch.manual_seed(0)  # the same LoRA initialization as the baseline's
-    model, speed = train.load_for_training(path, quantization, LORA, training, torch.device("cuda"))
+    model, speed = train.load_for_training(path, quantization, LORA, training, torch.device(DEVICE))
     train.varlen_attention_available = varlen_available
     speed["checkpointed"] = train.choose_checkpointing(model, training, probe_batch, speed["fused_kernels"])
     fused = speed["fused_kernels"]
@@ -183,7 +186,7 @@ def fixed_batches(vocab_size, batch, seq_len):
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
     examples = [(row.tolist(), row.tolist()) for row in input_ids]
-    return [train.collate(examples, 0, "cuda")], [train.pack(examples, 0, "cuda")]
+    return {"padded": [train.collate(examples, 0, DEVICE)], "packed": [train.pack(examples, 0, DEVICE)]}
 
 
 def conversation_lengths(jsonl_path, max_length):
@@ -195,20 +198,24 @@ def conversation_lengths(jsonl_path, max_length):
             for row in rows]
 
 
-def ultrachat_batches(vocab_size, batch, lengths, count):
+def ultrachat_batches(vocab_size, batch, lengths, count, batch_tokens):
     """`count` batches of `batch` conversations with real lengths: padded for the baseline (what a
-    hand-written script does), packed for the trainer. Same tokens in both."""
+    hand-written script does), packed for the trainer, same tokens in both; and `count` packed
+    batches of up to `batch_tokens` tokens of the same conversation stream (training.batch_tokens)."""
     generator = torch.Generator().manual_seed(0)
     order = torch.randperm(len(lengths), generator=generator).tolist()
+    conversations = []
+    for index in order:
+        ids = torch.randint(0, vocab_size, (lengths[index],), generator=generator).tolist()
+        conversations.append((ids, ids))
     padded, packed = [], []
     for start in range(0, batch * count, batch):
-        examples = []
-        for index in order[start : start + batch]:
-            ids = torch.randint(0, vocab_size, (lengths[index],), generator=generator).tolist()
-            examples.append((ids, ids))
-        padded.append(train.collate(examples, pad_id=0, device="cuda"))
-        packed.append(train.pack(examples, pad_id=0, device="cuda"))
-    return padded, packed
+        examples = conversations[start : start + batch]
+        padded.append(train.collate(examples, pad_id=0, device=DEVICE))
+        packed.append(train.pack(examples, pad_id=0, device=DEVICE))
+    budget = [train.pack(examples, pad_id=0, device=DEVICE)
+              for examples, _ in zip(train.token_budget_batches(conversations, batch_tokens), range(count))]
+    return {"padded": padded, "packed": packed, "budget": budget}
 
 
 def largest(batches):
@@ -228,10 +235,12 @@ def run_variant(variant, args, peak_tflops):
     workloads = {}  # UltraChat first: none of its runs patch transformers (see `later` below)
     if args.ultrachat:
         lengths = conversation_lengths(args.ultrachat, args.seq_len)
-        workloads["ultrachat"] = ultrachat_batches(vocab_size, args.batch, lengths, args.warmup + args.steps)
+        workloads["ultrachat"] = ultrachat_batches(vocab_size, args.batch, lengths,
+                                                   args.warmup + args.steps, args.batch * args.seq_len)
     workloads["fixed"] = fixed_batches(vocab_size, args.batch, args.seq_len)
     rows, ablations = [], []
-    for workload, (padded, packed) in workloads.items():
+    for workload, batches_of in workloads.items():
+        padded = batches_of["padded"]
         model, step = baseline_model(directory, quantization)
         base = measure(model, step, padded, args.steps, args.warmup,
                        args.profile and args.profile / f"{variant}-{workload}-baseline.txt")
@@ -250,7 +259,10 @@ def run_variant(variant, args, peak_tflops):
                 return None
 
         def trainer_run(options, budget_gb, profile_name=None):
-            batches = packed if options.get("packing", TRAINER["packing"]) else padded
+            if options.get("batch_tokens"):
+                batches = batches_of["budget"]
+            else:
+                batches = batches_of["packed" if options.get("packing", TRAINER["packing"]) else "padded"]
             model, step, speed = trainer_model(directory, quantization, options,
                                                largest(batches), budget_gb)
             flops = speedups.flops_per_token(model)

@@ -118,15 +118,48 @@ def model_inputs(batch):
     return {**{key: value for key, value in batch.items() if key != "labels"}, "use_cache": False}
 
 
-def batches_forever(examples, batch_size, seed):
-    """Shuffled batches, epoch after epoch; the order depends only on the seed."""
+def batches_forever(examples, batch_size, seed, batch_tokens=None):
+    """Shuffled batches, epoch after epoch; the order depends only on the seed.
+
+    A batch is `batch_size` conversations or, with `batch_tokens`, as many as fit in that many
+    tokens (see token_budget_batches). An epoch's leftovers (its last, partial batch) are
+    dropped, unless the whole split makes only one batch.
+    """
     rng = random.Random(seed)
     order = list(range(len(examples)))
     while True:
         rng.shuffle(order)
-        # Drop the last partial batch, unless the whole split is smaller than one batch.
-        for start in range(0, max(len(order) - batch_size + 1, 1), batch_size):
-            yield [examples[i] for i in order[start : start + batch_size]]
+        shuffled = [examples[i] for i in order]
+        if batch_tokens:
+            epoch = list(token_budget_batches(shuffled, batch_tokens))
+            yield from epoch[:-1] or epoch
+        else:
+            for start in range(0, max(len(order) - batch_size + 1, 1), batch_size):
+                yield shuffled[start : start + batch_size]
+
+
+def token_budget_batches(examples, batch_tokens):
+    """Consecutive runs of `examples` of at most `batch_tokens` tokens each (a longer single
+    conversation is a batch of its own). Packed, such a batch costs about the same every step
+    however long its conversations are."""
+    batch, tokens = [], 0
+    for example in examples:
+        if batch and tokens + len(example[0]) > batch_tokens:
+            yield batch
+            batch, tokens = [], 0
+        batch.append(example)
+        tokens += len(example[0])
+    if batch:
+        yield batch
+
+
+def largest_batch(examples, training):
+    """The batch of the run that needs the most memory: its longest conversations, as many as a
+    batch holds. The checkpointing policy measures this one."""
+    longest_first = sorted(examples, key=lambda example: len(example[0]), reverse=True)
+    if training["batch_tokens"]:
+        return next(token_budget_batches(longest_first, training["batch_tokens"]))
+    return longest_first[: training["batch_size"]]
 
 
 def token_loss_sums(logits, labels):
@@ -396,10 +429,9 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
              ",".join(lora["target_modules"]), f"{trainable:,}", f"{total:,}")
 
     make_batch = pack if training["packing"] else collate
-    # The run's largest batch: what the checkpointing policy must fit in memory.
-    largest = sorted(train_examples, key=lambda example: len(example[0]))[-training["batch_size"]:]
     speed["gradient_checkpointing_layers"] = choose_checkpointing(
-        model, training, make_batch(largest, pad_id, device), speed["fused_kernels"]
+        model, training, make_batch(largest_batch(train_examples, training), pad_id, device),
+        speed["fused_kernels"],
     )
     speed["decoder_layers"] = len(decoder_layers(model))
     log.info("speed: fused kernels %s, packing %s%s, gradient checkpointing on %d of %d layers",
@@ -410,7 +442,8 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     lora_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=training["lr"], weight_decay=training["weight_decay"])
     scheduler = make_scheduler(optimizer, training)
-    batches = batches_forever(train_examples, training["batch_size"], training["seed"])
+    batches = batches_forever(train_examples, training["batch_size"], training["seed"],
+                              training["batch_tokens"])
     fingerprint = run_fingerprint(model_path, quantization, training, lora, [train_path, eval_path])
     checkpoint = latest_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
     if checkpoint:

@@ -30,6 +30,7 @@ TRAINING_DEFAULTS = {
     "gradient_checkpointing": "auto",
     "memory_budget_gb": None,
     "packing": True,
+    "batch_tokens": None,
     "fused_kernels": "auto",
     "compile": True,
     "device": "auto",

@@ -168,3 +168,74 @@ def test_flops_per_token_counts_the_matmuls_once():
     assert flops_per_token(model) == expected
     enable_checkpointing(model)
     assert flops_per_token(attach_lora(model, LORA, gradient_checkpointing=True)) == expected
+
+
+def lengths_of(batch):
+    return [len(ids) for ids, _ in batch]
+
+
+def test_token_budget_batches_hold_at_most_the_budget_in_order():
+    from train import token_budget_batches
+
+    conversations = examples(lengths=(300, 500, 200, 900, 1200, 100, 100, 50))
+    batches = list(token_budget_batches(conversations, 1000))
+    assert [lengths_of(b) for b in batches] == [[300, 500, 200], [900], [1200], [100, 100, 50]]
+    # nothing lost or reordered; only a conversation longer than the budget goes over it
+    assert [c for b in batches for c in b] == conversations
+    assert all(sum(lengths_of(b)) <= 1000 or len(b) == 1 for b in batches)
+
+
+def test_token_budget_epochs_cover_the_split_and_depend_only_on_the_seed():
+    from train import batches_forever
+
+    conversations = examples(lengths=[20 + 7 * i % 90 for i in range(40)])
+    run = batches_forever(conversations, batch_size=4, seed=3, batch_tokens=200)
+    again = batches_forever(conversations, batch_size=4, seed=3, batch_tokens=200)
+    first = [next(run) for _ in range(30)]
+    assert first == [next(again) for _ in range(30)]
+    assert all(sum(lengths_of(batch)) <= 200 for batch in first)
+    # each epoch sees every conversation once, but for its dropped leftovers
+    epoch, seen = [], set()
+    for batch in first:
+        ids = [tuple(ids) for ids, _ in batch]
+        if seen & set(ids):
+            break
+        seen |= set(ids)
+        epoch.append(batch)
+    leftover = len(conversations) - len(seen)
+    assert 0 <= leftover and sum(sorted(len(ids) for ids, _ in conversations)[:leftover]) < 200
+
+
+def test_the_checkpointing_probe_gets_the_largest_batch_a_run_can_see():
+    from train import largest_batch
+
+    conversations = examples(lengths=(300, 500, 200, 900, 1200, 100))
+    by_count = largest_batch(conversations, {"batch_size": 2, "batch_tokens": None})
+    assert lengths_of(by_count) == [1200, 900]
+    by_tokens = largest_batch(conversations, {"batch_size": 2, "batch_tokens": 1500})
+    assert lengths_of(by_tokens) == [1200]  # 1200 + 900 would go over 1500
+    assert lengths_of(largest_batch(conversations, {"batch_size": 2, "batch_tokens": 2500})) == [1200, 900]
+
+
+def test_compiled_layers_train_exactly_like_eager_ones(monkeypatch):
+    """training.compile on the CPU's compiler: LoRA, partial checkpointing and packed batches go
+    through torch.compile whole (no graph breaks) and give the eager loss and gradients."""
+    import torch._dynamo
+
+    from speedups import compile_decoder_layers
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    torch._dynamo.utils.counters.clear()
+    model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=True)
+    model.train()
+    checkpoint_layers(model, 1)
+    batches = [pack(examples(lengths), pad_id=0, device="cpu") for lengths in ((7, 12, 4, 9), (5, 3))]
+    eager = [loss_and_grads(model, batch) for batch in batches]
+    compile_decoder_layers(model)
+    compiled = [loss_and_grads(model, batch) for batch in batches]  # the second: a new shape
+    for ours, reference in zip(compiled, eager):
+        assert_same(ours, reference)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # attention and MLP
+    assert not torch._dynamo.utils.counters["graph_break"]
+    torch._dynamo.reset()

@@ -1,0 +1,57 @@
+"""bench/speed.py's workloads and trainer configurations, on the CPU: what a GPU call would run
+must at least build and train, so a device call is not lost to a typo."""
+
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import speed  # noqa: E402
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    config = AutoConfig.for_model(
+        "llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("bench") / "tiny"
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(autouse=True)
+def on_cpu(monkeypatch):
+    monkeypatch.setattr(speed, "DEVICE", "cpu")
+
+
+def test_ultrachat_workload_gives_every_run_the_same_conversations(shared_fixtures):
+    lengths = speed.conversation_lengths(shared_fixtures / "ultrachat_sample.jsonl", 1024)
+    assert len(lengths) > 100 and max(lengths) <= 1024 and min(lengths) >= 8
+    batches = speed.ultrachat_batches(97, 4, lengths, count=5, batch_tokens=4096)
+    for padded, packed in zip(batches["padded"], batches["packed"]):
+        real = padded["attention_mask"].sum(1).tolist()
+        assert packed["input_ids"].numel() == sum(real)  # packing drops exactly the padding
+        assert packed["cu_seq_lens_q"].tolist()[1:] == torch.tensor(real).cumsum(0).tolist()
+    budget_tokens = [batch["input_ids"].numel() for batch in batches["budget"]]
+    assert len(budget_tokens) == 5 and max(budget_tokens) <= 4096
+    # the token budget holds more conversations per step than 4 of them padded
+    assert sum(budget_tokens) > sum(int(b["attention_mask"].sum()) for b in batches["padded"])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, *speed.ABLATIONS["fixed"].values(), *speed.ABLATIONS["ultrachat"].values()],
+    ids=["trainer", *speed.ABLATIONS["fixed"], *speed.ABLATIONS["ultrachat"]],
+)
+def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, options):
+    batches = speed.fixed_batches(97, 2, 16)
+    batch = batches["packed" if options.get("packing", True) else "padded"][0]
+    model, step, used = speed.trainer_model(tiny_model_dir, "none", options, batch, None)
+    losses = [step(batch) for _ in range(2)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert used["checkpointed"] == (2 if options.get("gradient_checkpointing") is True else 0)
