@@ -393,12 +393,13 @@ def main():
 
 def print_table(result):
     print(f"\n{result['card']}, bf16 matmul {result['bf16_matmul_tflops']:.0f} TFLOP/s")
-    print(f"{'variant':8}{'workload':11}{'tok/s':>9}{'base tok/s':>12}{'speedup':>9}"
-          f"{'peak GB':>9}{'base GB':>9}{'MFU':>7}{'loss diff':>11}")
+    print(f"{'variant':8}{'workload':11}{'tok/s':>9}{'base tok/s':>12}{'speedup':>9}{'s/step':>8}"
+          f"{'base s/step':>12}{'peak GB':>9}{'base GB':>9}{'MFU':>7}{'loss diff':>11}")
     for r in result["rows"]:
         print(f"{r['variant']:8}{r['workload']:11}{r['tokens_per_s']:9.0f}"
-              f"{r['baseline_tokens_per_s']:12.0f}{r['speedup']:9.2f}{r['peak_gb']:9.1f}"
-              f"{r['baseline_peak_gb']:9.1f}{r['mfu']:7.1%}{r['max_step_loss_difference']:11.4f}")
+              f"{r['baseline_tokens_per_s']:12.0f}{r['speedup']:9.2f}{r['s_per_step']:8.3f}"
+              f"{r['baseline_s_per_step']:12.3f}{r['peak_gb']:9.1f}{r['baseline_peak_gb']:9.1f}"
+              f"{r['mfu']:7.1%}{r['max_step_loss_difference']:11.4f}")
     for a in result["ablations"]:
         print(f"  {a['variant']} {a['workload']:10} {a['tokens_per_s']:7.0f} tok/s "
               f"{a['speedup_vs_baseline']:5.2f}x {a['peak_gb']:6.1f} GB  {a['ablation']}")

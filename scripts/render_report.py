@@ -40,7 +40,7 @@ def num(value, digits=4):
         return "—"
     if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1000):
         return f"{int(value):,}"
-    return f"{value:.{digits}f}"
+    return f"{value:,.{digits}f}" if digits == 0 else f"{value:.{digits}f}"
 
 
 def percent(value, digits=1):

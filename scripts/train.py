@@ -20,6 +20,7 @@ import random
 import shutil
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -244,7 +245,10 @@ def attach_lora(model, lora, gradient_checkpointing):
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"], task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' is_gradient_checkpointing, deprecated in transformers 5.2x
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, config)
 
 
 def load_for_training(model_path, quantization, lora, training, device, trust_remote_code=False):
@@ -261,7 +265,8 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     varlen = training["packing"] and varlen_attention_available(device)
     if varlen:
         use_varlen_attention(model)
-    model = attach_lora(model, lora, training["gradient_checkpointing"] is not False)
+    setting = training["gradient_checkpointing"]  # auto checkpoints nothing on a CPU
+    model = attach_lora(model, lora, setting is True or (setting == "auto" and device.type == "cuda"))
     if device.type == "cuda":
         keep_adapter_inputs_bf16(model)
     compiled = training["compile"] and device.type == "cuda"
@@ -434,8 +439,9 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         speed["fused_kernels"],
     )
     speed["decoder_layers"] = len(decoder_layers(model))
-    log.info("speed: fused kernels %s, packing %s%s, gradient checkpointing on %d of %d layers",
-             "on" if speed["fused_kernels"] else "off", "on" if training["packing"] else "off",
+    log.info("speed: fused kernels %s, torch.compile %s, packing %s%s, gradient checkpointing on "
+             "%d of %d layers", "on" if speed["fused_kernels"] else "off",
+             "on" if speed["compiled"] else "off", "on" if training["packing"] else "off",
              " (variable-length flash attention)" if speed["varlen_attention"] else "",
              speed["gradient_checkpointing_layers"], speed["decoder_layers"])
 
