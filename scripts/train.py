@@ -66,7 +66,19 @@ STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", 
 
 
 class TrainingError(LoranotesError):
-    """Training cannot start or go on: LoRA targets the model lacks, a loss that is not finite."""
+    """Training cannot start or go on: LoRA targets the model lacks, a loss that is not finite,
+    a batch that does not fit in GPU memory."""
+
+
+def out_of_memory(where, batch, training):
+    """The error for a batch that does not fit, with what to change."""
+    tokens = batch["input_ids"].numel()
+    return TrainingError(
+        f"out of GPU memory {where} ({tokens} tokens in the batch): set "
+        f"training.gradient_checkpointing to true (now {training['gradient_checkpointing']}) or "
+        "lower training.memory_budget_gb when other processes share the GPU; or lower "
+        "training.batch_size, batch_tokens or max_length; or use quantization: nf4"
+    )
 
 
 def read_tokenized(path):
@@ -301,7 +313,11 @@ def choose_checkpointing(model, training, probe_batch, fused_loss):
         model.zero_grad(set_to_none=True)
         return torch.cuda.max_memory_allocated(device) / 1e9
 
-    return plan_checkpointing(model, step_peak_gb, budget)
+    try:
+        return plan_checkpointing(model, step_peak_gb, budget)
+    except torch.cuda.OutOfMemoryError as error:
+        raise out_of_memory("in a step of the run's largest batch, with every layer checkpointed",
+                            probe_batch, training) from error
 
 
 def run_fingerprint(model_path, quantization, training, lora, data_paths):
@@ -473,9 +489,12 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         for _ in range(training["grad_accum"]):
             batch = make_batch(next(batches), pad_id, device)
             # Micro-batches weigh equally (each is a mean over its targets), as in HF Trainer.
-            loss, batch_correct, batch_targets, batch_tokens = forward_backward(
-                model, batch, scale=1 / training["grad_accum"], fused_loss=speed["fused_kernels"]
-            )
+            try:
+                loss, batch_correct, batch_targets, batch_tokens = forward_backward(
+                    model, batch, scale=1 / training["grad_accum"], fused_loss=speed["fused_kernels"]
+                )
+            except torch.cuda.OutOfMemoryError as error:  # the last checkpoint stays valid
+                raise out_of_memory(f"at step {step}", batch, training) from error
             loss_sum += loss / training["grad_accum"]
             correct += batch_correct
             targets += batch_targets

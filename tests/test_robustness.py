@@ -441,3 +441,24 @@ def test_errors_never_show_a_token(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_aDifferentFakeToken42")
     message = str(LoranotesError("login failed with hf_aDifferentFakeToken42 and hf_another123456"))
     assert "hf_" not in message and message.count("<redacted>") == 2
+
+
+def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(tiny_model, tmp_path, monkeypatch):
+    forward_backward, calls = train.forward_backward, []
+
+    def out_of_memory_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(train, "forward_backward", out_of_memory_at_step_3)
+    args = train_args(tiny_model, tmp_path / "out", tmp_path / "checkpoints",
+                      grad_accum=1, checkpoint_every=2)
+    with pytest.raises(train.TrainingError) as error:
+        train.train(**args)
+    message = str(error.value)
+    assert message.startswith("out of GPU memory at step 3 (")
+    assert "tokens in the batch" in message and "gradient_checkpointing" in message
+    assert "\n" not in message
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
