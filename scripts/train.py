@@ -65,6 +65,11 @@ WARMUP_STEPS_EXCLUDED = 2
 STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens", "peak_memory_gb"]
 
 
+# Settings a run may change and still resume its checkpoint: they trade memory for speed and
+# leave the computation as it was (after running out of memory, checkpoint more and rerun).
+RESUMABLE_CHANGES = {"checkpoint_every", "gradient_checkpointing", "memory_budget_gb"}
+
+
 class TrainingError(LoranotesError):
     """Training cannot start or go on: LoRA targets the model lacks, a loss that is not finite,
     a batch that does not fit in GPU memory."""
@@ -331,7 +336,7 @@ def run_fingerprint(model_path, quantization, training, lora, data_paths):
             for file in sorted(model_dir.glob("*.safetensors"))
         ],
         "quantization": quantization,
-        "training": {key: value for key, value in training.items() if key != "checkpoint_every"},
+        "training": {key: value for key, value in training.items() if key not in RESUMABLE_CHANGES},
         "lora": lora,
     }
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())

@@ -10,6 +10,7 @@ Everything runs on a tiny config (2 variants, 4 steps) or on a model built in-pr
 """
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -443,7 +444,9 @@ def test_errors_never_show_a_token(monkeypatch):
     assert "hf_" not in message and message.count("<redacted>") == 2
 
 
-def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(tiny_model, tmp_path, monkeypatch):
+def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(
+    tiny_model, tmp_path, monkeypatch, caplog
+):
     forward_backward, calls = train.forward_backward, []
 
     def out_of_memory_at_step_3(*args, **kwargs):
@@ -462,3 +465,10 @@ def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(tiny_model, tm
     assert "tokens in the batch" in message and "gradient_checkpointing" in message
     assert "\n" not in message
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
+    # with the advice taken, the rerun resumes where the checkpoint left off
+    monkeypatch.setattr(train, "forward_backward", forward_backward)
+    args["training"]["gradient_checkpointing"] = True
+    with caplog.at_level(logging.INFO, logger="loranotes.train"):
+        metrics = train.train(**args)
+    assert "resuming from" in caplog.text and "2 of 12 steps done" in caplog.text
+    assert metrics["steps"] == 12
