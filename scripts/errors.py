@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 # Hugging Face access tokens start with "hf_"; they must never reach a log or the report.
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{6,}")
@@ -54,6 +55,9 @@ def configure_logging(snakemake):
     for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
         logger.removeHandler(handler)  # a process running several mains (tests) keeps one
     logger.addHandler(to_terminal)
+    # peft 0.21 reads transformers' is_gradient_checkpointing, deprecated in transformers 5.2x:
+    # a warning on every job that says nothing to the user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 
 def entry_point(main):

@@ -20,7 +20,6 @@ import random
 import shutil
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -262,10 +261,7 @@ def attach_lora(model, lora, gradient_checkpointing):
         r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
         target_modules=lora["target_modules"], task_type="CAUSAL_LM",
     )
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' is_gradient_checkpointing, deprecated in transformers 5.2x
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        return get_peft_model(model, config)
+    return get_peft_model(model, config)
 
 
 def load_for_training(model_path, quantization, lora, training, device, trust_remote_code=False):

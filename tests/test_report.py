@@ -178,22 +178,24 @@ def test_mfu_is_shown_as_a_percentage_and_as_a_dash_when_null(tmp_path):
     assert [row["MFU"] for row in stats_table(report)] == ["—", f"{100 * v2['mfu']:.1f}%"]
     assert "MFU" not in section(report, "v1: nf4 baseline")
     assert f"tokens/s (MFU {100 * v2['mfu']:.1f}%) on cpu" in section(report, "v2: no quantization")
-    assert "; gradient checkpointing on 0 of 4 layers\n" in section(report, "v1: nf4 baseline")
-    assert "; gradient checkpointing on 1 of 4 layers\n" in section(report, "v2: no quantization")
+    assert ("- Speed options: torch.compile off, Liger kernels off, packed batches, gradient "
+            "checkpointing on 0 of 4 layers\n") in section(report, "v1: nf4 baseline")
+    assert ("- Speed options: torch.compile on, Liger kernels on, packed batches, gradient "
+            "checkpointing on 1 of 4 layers\n") in section(report, "v2: no quantization")
 
 
 def test_metrics_without_mfu_keys_still_render(tmp_path):
     """metrics.json written before train.py measured MFU: the table shows '—', the sections
     leave MFU and gradient checkpointing out."""
     new_keys = ["mfu", "bf16_matmul_tflops", "flops_per_token", "gradient_checkpointing_layers",
-                "decoder_layers"]
+                "decoder_layers", "compiled", "fused_kernels", "varlen_attention"]
     report = render(tmp_path, drop=new_keys)
     assert [row["MFU"] for row in stats_table(report)] == ["—", "—"]
     assert_stats_table_matches(report, pd.read_csv(tmp_path / "results" / "metrics.csv"))
     for heading in ("v1: nf4 baseline", "v2: no quantization"):
         bullets = section(report, heading)
         assert "tokens/s on cpu; peak memory" in bullets
-        assert "MFU" not in bullets and "checkpointing" not in bullets
+        assert "MFU" not in bullets and "checkpointing" not in bullets and "Speed options" not in bullets
 
 
 def test_skipped_rows_are_reported(tmp_path):

@@ -62,6 +62,9 @@ def fake_metrics(index, **overrides):
         "flops_per_token": 4.0 * 100000,
         "gradient_checkpointing_layers": index,
         "decoder_layers": 4,
+        "compiled": index == 1,
+        "fused_kernels": index == 1,
+        "varlen_attention": False,
         **overrides,
     }
 
