@@ -23,15 +23,21 @@ import speed  # noqa: E402
 import train  # noqa: E402  (speed put scripts/ on sys.path)
 
 # name -> (trainer options, patches of train's functions)
+# Liger's layer kernels patch transformers for the rest of the process (see bench/speed.py):
+# the variations without them come first.
 VARIATIONS = {
-    "trainer, all layers checkpointed": ({"gradient_checkpointing": True}, {}),
-    "no autocast (float32 adapters, peft's casts)": (
-        {"gradient_checkpointing": True},
+    "trainer (compiled), all layers checkpointed": ({"gradient_checkpointing": True}, {}),
+    "no fused kernels, not compiled": (
+        {"gradient_checkpointing": True, "fused_kernels": "none", "compile": False}, {}),
+    "trainer not compiled (Liger's layer kernels), all layers checkpointed": (
+        {"gradient_checkpointing": True, "compile": False}, {}),
+    "not compiled, no autocast (float32 adapters, peft's casts)": (
+        {"gradient_checkpointing": True, "compile": False},
         {"lora_mixed_precision": lambda device: contextlib.nullcontext(),
          "keep_adapter_inputs_bf16": lambda model: None},
     ),
-    "padded batch (SDPA, no varlen)": ({"gradient_checkpointing": True, "packing": False}, {}),
-    "no fused kernels": ({"gradient_checkpointing": True, "fused_kernels": "none"}, {}),
+    "not compiled, padded batch (SDPA, no varlen)": (
+        {"gradient_checkpointing": True, "packing": False, "compile": False}, {}),
 }
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -85,9 +91,9 @@ def main():
     hub_id, quantization = speed.VARIANTS[args.variant]
     directory = str(args.models / hub_id.replace("/", "--"))
     speed.save_random_model(hub_id, directory)
-    padded, packed = speed.fixed_batches(speed.KNOWN_ARCHITECTURES[hub_id]["vocab_size"], 4, 1024)
+    batches = speed.fixed_batches(speed.KNOWN_ARCHITECTURES[hub_id]["vocab_size"], 4, 1024)
     results = [profile_variation(name, options, patches, directory, quantization,
-                                 (padded[0], packed[0]), args)
+                                 (batches["padded"][0], batches["packed"][0]), args)
                for name, (options, patches) in VARIATIONS.items()]
     (args.out / "profile.json").write_text(json.dumps(results, indent=2))
     for r in results:

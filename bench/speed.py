@@ -66,6 +66,7 @@ ABLATIONS = {
         "no checkpointing (memory not limited)": {"gradient_checkpointing": False},
     },
     "ultrachat": {
+        "packed, SDPA block mask instead of variable-length attention": {"varlen": False},
         "padded batches (packing off)": {"packing": False},
         "batches of up to 4 x 1024 tokens (training.batch_tokens: 4096)": {"batch_tokens": 4096},
     },
@@ -123,10 +124,13 @@ def trainer_model(path, quantization, options, probe_batch, budget_gb):
     if options.get("varlen") is False:  # the ablation: packed batches through SDPA's mask
         train.varlen_attention_available = lambda device: False
     torch.manual_seed(0)  # the same LoRA initialization as the baseline's
-    model, speed = train.load_for_training(path, quantization, LORA, training, torch.device(DEVICE))
-    train.varlen_attention_available = varlen_available
-    speed["checkpointed"] = train.choose_checkpointing(model, training, probe_batch, speed["fused_kernels"])
-    fused = speed["fused_kernels"]
+    try:
+        model, speed = train.load_for_training(path, quantization, LORA, training, torch.device(DEVICE))
+    finally:
+        train.varlen_attention_available = varlen_available
+    speed["checkpointed"] = train.choose_checkpointing(model, training, quantization, probe_batch,
+                                                       speed["fused_loss"])
+    fused = speed["fused_loss"]
     return model, lambda batch: train.forward_backward(model, batch, fused_loss=fused)[0], speed
 
 

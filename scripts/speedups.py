@@ -90,6 +90,13 @@ def compile_decoder_layers(model):
                 child.compile(dynamic=None)
 
 
+def can_fuse_loss(model):
+    """Whether the output layer is a plain linear map the fused loss can read. With LoRA on
+    lm_head (lora.target_modules) it is not: the fused loss would skip the adapter."""
+    head = model.get_base_model().get_output_embeddings()
+    return type(head) is torch.nn.Linear
+
+
 def fused_token_loss_sums(model, inputs, labels):
     """token_loss_sums without logits: the decoder's last hidden states go through Liger's fused
     linear cross-entropy, chunk by chunk, with the gradient computed in the forward pass."""
@@ -206,18 +213,21 @@ def plan_checkpointing(model, step_peak_gb, budget_gb, probe_layers=4):
 
 
 def default_memory_budget_gb(device):
-    """Most of the card: leave 10% to the allocator's fragmentation and other processes."""
-    return 0.9 * torch.cuda.get_device_properties(device).total_memory / 1e9
+    """What this process holds plus 90% of what is free on the card: the rest is left to the
+    allocator's fragmentation, the CUDA context's growth and other processes."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return (torch.cuda.memory_allocated(device) + 0.9 * free) / 1e9
 
 
 # --- variable-length attention for packed batches -----------------------------------------------
 
 def varlen_attention_available(device):
+    """torch >= 2.10 and a GPU its flash kernels run on (compute capability 8.0 or later)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401  (torch >= 2.10)
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    return device.type == "cuda"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def use_varlen_attention(model):
@@ -246,7 +256,10 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
-    if bounds is None:
+    # Sliding windows, logit soft-capping, attention sinks and attention dropout are not
+    # implemented here: SDPA with transformers' packed mask handles them.
+    unsupported = dropout or any(kwargs.get(key) for key in ("sliding_window", "softcap", "s_aux"))
+    if bounds is None or unsupported:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
     from torch.nn.attention.varlen import varlen_attn

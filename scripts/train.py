@@ -33,6 +33,7 @@ from model_sources import lora_layer_names_of, target_modules_problem
 from speedups import (
     apply_fused_kernels,
     bf16_matmul_tflops,
+    can_fuse_loss,
     checkpoint_layers,
     compile_decoder_layers,
     decoder_layers,
@@ -74,15 +75,20 @@ class TrainingError(LoranotesError):
     a batch that does not fit in GPU memory."""
 
 
-def out_of_memory(where, batch, training):
-    """The error for a batch that does not fit, with what to change."""
+def out_of_memory(where, batch, training, quantization, all_checkpointed):
+    """The error for a batch that does not fit, with what to change in this run's settings."""
+    advice = []
+    if not all_checkpointed and training["gradient_checkpointing"] is False:
+        advice.append("set training.gradient_checkpointing: auto (or true)")
+    elif not all_checkpointed:  # auto measured a split that did not hold
+        advice.append("lower training.memory_budget_gb (does another process share the GPU?)")
+    size = "training.batch_tokens" if training["batch_tokens"] else "training.batch_size"
+    advice.append(f"lower {size} or training.max_length")
+    if quantization == "none":
+        advice.append("use quantization: nf4")
     tokens = batch["input_ids"].numel()
-    return TrainingError(
-        f"out of GPU memory {where} ({tokens} tokens in the batch): set "
-        f"training.gradient_checkpointing to true (now {training['gradient_checkpointing']}) or "
-        "lower training.memory_budget_gb when other processes share the GPU; or lower "
-        "training.batch_size, batch_tokens or max_length; or use quantization: nf4"
-    )
+    return TrainingError(f"out of GPU memory {where} ({tokens} tokens in the batch): "
+                         + "; or ".join(advice))
 
 
 def read_tokenized(path):
@@ -139,8 +145,8 @@ def batches_forever(examples, batch_size, seed, batch_tokens=None):
     """Shuffled batches, epoch after epoch; the order depends only on the seed.
 
     A batch is `batch_size` conversations or, with `batch_tokens`, as many as fit in that many
-    tokens (see token_budget_batches). An epoch's leftovers (its last, partial batch) are
-    dropped, unless the whole split makes only one batch.
+    tokens (see token_budget_batches). An epoch's last batch (partial with batch_size; with
+    batch_tokens, always: it holds the leftovers) is dropped, unless it is the epoch's only one.
     """
     rng = random.Random(seed)
     order = list(range(len(examples)))
@@ -171,12 +177,22 @@ def token_budget_batches(examples, batch_tokens):
 
 
 def largest_batch(examples, training):
-    """The batch of the run that needs the most memory: its longest conversations, as many as a
-    batch holds. The checkpointing policy measures this one."""
+    """A batch at least as large as any of the run's: the longest conversations, as many as a
+    batch holds; with batch_tokens, the longest that fit, topped up to exactly the budget with a
+    cut conversation. The checkpointing policy measures this one."""
     longest_first = sorted(examples, key=lambda example: len(example[0]), reverse=True)
-    if training["batch_tokens"]:
-        return next(token_budget_batches(longest_first, training["batch_tokens"]))
-    return longest_first[: training["batch_size"]]
+    budget = training["batch_tokens"]
+    if not budget:
+        return longest_first[: training["batch_size"]]
+    batch, rest = [], []
+    for example in longest_first:
+        fits = not batch or sum(len(ids) for ids, _ in batch) + len(example[0]) <= budget
+        (batch if fits else rest).append(example)
+    room = budget - sum(len(ids) for ids, _ in batch)
+    if room > 0 and rest:
+        ids, labels = rest[0]
+        batch.append((ids[:room], labels[:room]))
+    return batch
 
 
 def token_loss_sums(logits, labels):
@@ -273,7 +289,10 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     if problem:
         raise TrainingError(f"lora.target_modules: {problem}")
     fused = use_fused_kernels(training["fused_kernels"], model.config.model_type, device)
-    if fused and not training["compile"]:  # compiled layers get their norms etc. fused anyway
+    # Compiled attention and MLP get RoPE, the q/k norms and SwiGLU fused by torch.compile;
+    # Liger's layer kernels are for uncompiled runs. The loss is fused either way.
+    layer_kernels = fused and not training["compile"]
+    if layer_kernels:
         apply_fused_kernels(model)
     varlen = training["packing"] and varlen_attention_available(device)
     if varlen:
@@ -286,14 +305,18 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     if compiled:
         compile_decoder_layers(model)
     model.train()  # transformers 5 loads in eval mode; dropout and checkpointing need train mode
-    return model, {"fused_kernels": fused, "varlen_attention": varlen, "compiled": compiled}
+    fused_loss = fused and can_fuse_loss(model)
+    if fused and not fused_loss:
+        log.info("fused loss off: LoRA on lm_head needs the plain loss")
+    return model, {"fused_loss": fused_loss, "fused_kernels": layer_kernels,
+                   "varlen_attention": varlen, "compiled": compiled}
 
 
-def choose_checkpointing(model, training, probe_batch, fused_loss):
+def choose_checkpointing(model, training, quantization, probe_batch, fused_loss):
     """Apply training.gradient_checkpointing; returns how many decoder layers are checkpointed.
 
     true: all; false: none; auto: on CUDA only as many as keep a step of `probe_batch` (the
-    run's largest) within training.memory_budget_gb (default: 90% of the card), measured; on
+    run's largest) within training.memory_budget_gb (default_memory_budget_gb), measured; on
     CPU none.
     """
     device = probe_batch["input_ids"].device
@@ -310,15 +333,20 @@ def choose_checkpointing(model, training, probe_batch, fused_loss):
     def step_peak_gb():
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        forward_backward(model, probe_batch, fused_loss=fused_loss)
-        model.zero_grad(set_to_none=True)
+        try:
+            forward_backward(model, probe_batch, fused_loss=fused_loss)
+        finally:  # a probe's gradients, even half-made ones, must not reach the first step
+            model.zero_grad(set_to_none=True)
         return torch.cuda.max_memory_allocated(device) / 1e9
 
-    try:
-        return plan_checkpointing(model, step_peak_gb, budget)
-    except torch.cuda.OutOfMemoryError as error:
-        raise out_of_memory("in a step of the run's largest batch, with every layer checkpointed",
-                            probe_batch, training) from error
+    # The probes draw dropout masks; how many run depends on the card, the seeded run must not.
+    with torch.random.fork_rng(devices=[device]):
+        try:
+            return plan_checkpointing(model, step_peak_gb, budget)
+        except torch.cuda.OutOfMemoryError as error:
+            raise out_of_memory("in a step of the run's largest batch, with every layer "
+                                "checkpointed", probe_batch, training, quantization,
+                                all_checkpointed=True) from error
 
 
 def run_fingerprint(model_path, quantization, training, lora, data_paths):
@@ -452,13 +480,16 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
 
     make_batch = pack if training["packing"] else collate
     speed["gradient_checkpointing_layers"] = choose_checkpointing(
-        model, training, make_batch(largest_batch(train_examples, training), pad_id, device),
-        speed["fused_kernels"],
+        model, training, quantization,
+        make_batch(largest_batch(train_examples, training), pad_id, device), speed["fused_loss"],
     )
     speed["decoder_layers"] = len(decoder_layers(model))
-    log.info("speed: fused kernels %s, torch.compile %s, packing %s%s, gradient checkpointing on "
-             "%d of %d layers", "on" if speed["fused_kernels"] else "off",
-             "on" if speed["compiled"] else "off", "on" if training["packing"] else "off",
+    # MFU's denominator, measured before training; on CPU there is no comparable matmul peak
+    speed["bf16_matmul_tflops"] = bf16_matmul_tflops(device) if device.type == "cuda" else None
+    log.info("speed: torch.compile %s, fused loss %s, Liger layer kernels %s, packing %s%s, "
+             "gradient checkpointing on %d of %d layers", "on" if speed["compiled"] else "off",
+             "on" if speed["fused_loss"] else "off", "on" if speed["fused_kernels"] else "off",
+             "on" if training["packing"] else "off",
              " (variable-length flash attention)" if speed["varlen_attention"] else "",
              speed["gradient_checkpointing_layers"], speed["decoder_layers"])
 
@@ -492,10 +523,13 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
             # Micro-batches weigh equally (each is a mean over its targets), as in HF Trainer.
             try:
                 loss, batch_correct, batch_targets, batch_tokens = forward_backward(
-                    model, batch, scale=1 / training["grad_accum"], fused_loss=speed["fused_kernels"]
+                    model, batch, scale=1 / training["grad_accum"], fused_loss=speed["fused_loss"]
                 )
             except torch.cuda.OutOfMemoryError as error:  # the last checkpoint stays valid
-                raise out_of_memory(f"at step {step}", batch, training) from error
+                raise out_of_memory(
+                    f"at step {step}", batch, training, quantization,
+                    speed["gradient_checkpointing_layers"] == speed["decoder_layers"],
+                ) from error
             loss_sum += loss / training["grad_accum"]
             correct += batch_correct
             targets += batch_targets
@@ -548,8 +582,6 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         "random_init": bool(model_info(model_path).get("random_init")),
         **speed,
         "flops_per_token": flops_per_token(model),
-        # MFU's denominator; on CPU there is no comparable matmul peak
-        "bf16_matmul_tflops": bf16_matmul_tflops(device) if device.type == "cuda" else None,
     }
     metrics = summarize(steps, eval_before, eval_after, train_memory, params)
     # metrics.json comes last and whole (written, then renamed): it exists only for a finished run.

@@ -211,6 +211,11 @@ def resolve_variants(config, source="config.yaml"):
                 f"{source}: variants.{name}.model: '{variant['model']}' is not a model "
                 f"(models: {', '.join(config['models'])}). Fix the name or add it under `models:`."
             )
+        if variant["training"]["batch_tokens"] and not variant["training"]["packing"]:
+            raise ConfigError(
+                f"{source}: variants.{name}.training.batch_tokens: needs training.packing: true "
+                "(a token budget counts real tokens; padded batches would go over it)"
+            )
         variant["changes"] = changes_from(parent, variant) if parent else []
         resolved[name] = variant
         return variant

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
+import profile_step  # noqa: E402
 import speed  # noqa: E402
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,15 @@ def test_ultrachat_workload_gives_every_run_the_same_conversations(shared_fixtur
     assert sum(budget_tokens) > sum(int(b["attention_mask"].sum()) for b in batches["padded"])
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{}, *speed.ABLATIONS["fixed"].values(), *speed.ABLATIONS["ultrachat"].values()],
-    ids=["trainer", *speed.ABLATIONS["fixed"], *speed.ABLATIONS["ultrachat"]],
-)
+CONFIGURATIONS = {
+    "trainer": {},
+    **speed.ABLATIONS["fixed"],
+    **speed.ABLATIONS["ultrachat"],
+    **{f"profile: {name}": options for name, (options, _) in profile_step.VARIATIONS.items()},
+}
+
+
+@pytest.mark.parametrize("options", CONFIGURATIONS.values(), ids=CONFIGURATIONS)
 def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, options):
     batches = speed.fixed_batches(97, 2, 16)
     batch = batches["packed" if options.get("packing", True) else "padded"][0]

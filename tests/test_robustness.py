@@ -457,12 +457,13 @@ def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(
 
     monkeypatch.setattr(train, "forward_backward", out_of_memory_at_step_3)
     args = train_args(tiny_model, tmp_path / "out", tmp_path / "checkpoints",
-                      grad_accum=1, checkpoint_every=2)
+                      grad_accum=1, checkpoint_every=2, gradient_checkpointing=False)
     with pytest.raises(train.TrainingError) as error:
         train.train(**args)
     message = str(error.value)
     assert message.startswith("out of GPU memory at step 3 (")
-    assert "tokens in the batch" in message and "gradient_checkpointing" in message
+    assert "tokens in the batch): set training.gradient_checkpointing: auto (or true)" in message
+    assert "lower training.batch_size or training.max_length; or use quantization: nf4" in message
     assert "\n" not in message
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
     # with the advice taken, the rerun resumes where the checkpoint left off

@@ -213,29 +213,116 @@ def test_the_checkpointing_probe_gets_the_largest_batch_a_run_can_see():
     by_count = largest_batch(conversations, {"batch_size": 2, "batch_tokens": None})
     assert lengths_of(by_count) == [1200, 900]
     by_tokens = largest_batch(conversations, {"batch_size": 2, "batch_tokens": 1500})
-    assert lengths_of(by_tokens) == [1200]  # 1200 + 900 would go over 1500
-    assert lengths_of(largest_batch(conversations, {"batch_size": 2, "batch_tokens": 2500})) == [1200, 900]
+    assert lengths_of(by_tokens) == [1200, 300]  # 900 would go over 1500; 300 still fits
+    by_tokens = largest_batch(conversations, {"batch_size": 2, "batch_tokens": 1400})
+    assert lengths_of(by_tokens) == [1200, 200]  # topped up to the budget with a cut 900
+    # no batch the run can draw holds more tokens than the probe
+    from train import token_budget_batches
+    for budget in (1300, 1400, 1500, 2500):
+        probe = sum(lengths_of(largest_batch(conversations, {"batch_size": 2, "batch_tokens": budget})))
+        assert probe == budget
+        for seed in range(20):
+            order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed))
+            for batch in token_budget_batches([conversations[i] for i in order], budget):
+                assert sum(lengths_of(batch)) <= probe
 
 
-def test_compiled_layers_train_exactly_like_eager_ones(monkeypatch):
-    """training.compile on the CPU's compiler: LoRA, partial checkpointing and packed batches go
-    through torch.compile whole (no graph breaks) and give the eager loss and gradients."""
+@pytest.fixture
+def fresh_dynamo():
     import torch._dynamo
 
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield torch._dynamo
+    torch._dynamo.reset()
+
+
+def test_compiled_layers_train_exactly_like_eager_ones(fresh_dynamo, monkeypatch):
+    """training.compile on the CPU's compiler: LoRA, partial checkpointing and packed batches go
+    through torch.compile whole (no graph breaks) and give the eager loss and gradients."""
     from speedups import compile_decoder_layers
 
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
-    torch._dynamo.utils.counters.clear()
     model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=True)
     model.train()
     checkpoint_layers(model, 1)
     batches = [pack(examples(lengths), pad_id=0, device="cpu") for lengths in ((7, 12, 4, 9), (5, 3))]
     eager = [loss_and_grads(model, batch) for batch in batches]
+    monkeypatch.setattr(fresh_dynamo.config, "suppress_errors", False)  # restored after the test
     compile_decoder_layers(model)
+    # compile_decoder_layers lets a failed compilation fall back to eager; here it must fail
+    monkeypatch.setattr(fresh_dynamo.config, "suppress_errors", False)
     compiled = [loss_and_grads(model, batch) for batch in batches]  # the second: a new shape
     for ours, reference in zip(compiled, eager):
         assert_same(ours, reference)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # attention and MLP
-    assert not torch._dynamo.utils.counters["graph_break"]
-    torch._dynamo.reset()
+    assert fresh_dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # attention and MLP
+    assert not fresh_dynamo.utils.counters["graph_break"]
+
+
+class ReferenceFusedLinearCrossEntropy:
+    """Liger's fused linear cross-entropy, spelled out with logits (Triton needs a GPU)."""
+
+    def __init__(self, ignore_index, reduction, return_predicted_tokens):
+        assert reduction == "sum" and return_predicted_tokens
+        self.ignore_index = ignore_index
+
+    def __call__(self, weight, hidden, targets):
+        from types import SimpleNamespace
+
+        logits = (hidden @ weight.T).float()
+        loss = F.cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction="sum")
+        return SimpleNamespace(loss=loss, predicted_tokens=logits.argmax(-1))
+
+
+@pytest.mark.parametrize("make_batch", [collate, pack])
+def test_fused_loss_equals_the_plain_loss(monkeypatch, make_batch):
+    import liger_kernel.transformers
+
+    monkeypatch.setattr(liger_kernel.transformers, "LigerFusedLinearCrossEntropyLoss",
+                        ReferenceFusedLinearCrossEntropy)
+    model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=False)
+    model.train()
+    batch = make_batch(examples(), pad_id=0, device="cpu")
+    results = []
+    for fused in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss, correct, targets, tokens = forward_backward(model, batch, fused_loss=fused)
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append(((loss, correct, targets, tokens), grads))
+    assert results[1][0][1:] == results[0][0][1:]  # same correct predictions, targets, tokens
+    assert_same((results[1][0][0], results[1][1]), (results[0][0][0], results[0][1]))
+
+
+def test_lora_on_lm_head_keeps_the_plain_loss():
+    from speedups import can_fuse_loss
+
+    assert can_fuse_loss(attach_lora(tiny_model(layers=1), LORA, gradient_checkpointing=False))
+    with_head = {**LORA, "target_modules": [*LORA["target_modules"], "lm_head"]}
+    assert not can_fuse_loss(attach_lora(tiny_model(layers=1), with_head, gradient_checkpointing=False))
+
+
+def test_fused_kernels_only_for_architectures_they_cover():
+    cuda = torch.device("cuda")  # use_fused_kernels only looks at the device's type
+    assert use_fused_kernels("auto", "qwen3", cuda) is True
+    assert use_fused_kernels("auto", "gemma3", cuda) is False
+    with pytest.raises(SpeedupError, match="model type 'gemma3' is not one of"):
+        use_fused_kernels("liger", "gemma3", cuda)
+
+
+def test_sliding_window_attention_is_left_to_sdpa(monkeypatch):
+    """varlen_attention implements plain causal attention only: a model with a sliding window
+    keeps transformers' packed SDPA path, and its loss."""
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
+    config = AutoConfig.for_model(
+        "mistral", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+    )
+    torch.manual_seed(0)
+    model = attach_lora(AutoModelForCausalLM.from_config(config), LORA, gradient_checkpointing=False)
+    model.train()
+    padded = loss_and_grads(model, collate(examples(), pad_id=0, device="cpu"))
+    use_varlen_attention(model)
+    assert_same(loss_and_grads(model, pack(examples(), pad_id=0, device="cpu")), padded)
+    assert not calls

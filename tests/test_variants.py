@@ -210,3 +210,13 @@ def test_gradient_checkpointing_takes_auto_or_a_boolean(value):
     config["training"].update(gradient_checkpointing=value, memory_budget_gb=12.5)
     validate_config(config, REPO / "schemas" / "config.schema.yaml", "exp.yaml")
     assert resolve_config(config)["variants"]["v2"]["training"]["gradient_checkpointing"] == value
+
+
+def test_a_token_budget_needs_packed_batches():
+    config = base_config()
+    config["variants"]["v3"]["training"].update(batch_tokens=4096, packing=False)
+    with pytest.raises(ConfigError, match=r"^exp.yaml: variants.v3.training.batch_tokens: needs "
+                                          r"training.packing: true"):
+        resolve_config(config, "exp.yaml")
+    config["variants"]["v3"]["training"]["packing"] = True
+    assert resolve_config(config, "exp.yaml")["variants"]["v3"]["training"]["batch_tokens"] == 4096

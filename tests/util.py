@@ -63,7 +63,8 @@ def fake_metrics(index, **overrides):
         "gradient_checkpointing_layers": index,
         "decoder_layers": 4,
         "compiled": index == 1,
-        "fused_kernels": index == 1,
+        "fused_loss": index == 1,
+        "fused_kernels": False,
         "varlen_attention": False,
         **overrides,
     }
