@@ -63,6 +63,8 @@ ABLATIONS = {
         "precision fixes only (no fused kernels, all layers checkpointed)":
             {"fused_kernels": "none", "gradient_checkpointing": True, "compile": False},
         "not compiled (Liger's kernels instead)": {"compile": False},
+        "whole decoder layers compiled (norms, residuals, checkpointing inside; experiment)":
+            {"whole_layers": True},
         "no checkpointing (memory not limited)": {"gradient_checkpointing": False},
     },
     "ultrachat": {
@@ -117,17 +119,33 @@ def baseline_model(path, quantization):
     return model, step
 
 
+BENCH_ONLY = ("varlen", "whole_layers")  # ablation switches that are not training options
+
+
+def compile_whole_decoder_layers(model):
+    """An experiment against speedups.compile_decoder_layers: compile each decoder layer whole,
+    its norms, residual adds and checkpointing included (equal to eager on CPU, not yet timed)."""
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
+    for layer in speedups.decoder_layers(model):
+        layer.compile(dynamic=None)
+
+
 def trainer_model(path, quantization, options, probe_batch, budget_gb):
-    training = {**TRAINER, **{k: v for k, v in options.items() if k != "varlen"},
+    training = {**TRAINER, **{k: v for k, v in options.items() if k not in BENCH_ONLY},
                 "memory_budget_gb": budget_gb}
-    varlen_available = train.varlen_attention_available
+    varlen_available, compile_layers = train.varlen_attention_available, train.compile_decoder_layers
     if options.get("varlen") is False:  # the ablation: packed batches through SDPA's mask
         train.varlen_attention_available = lambda device: False
+    if options.get("whole_layers"):
+        train.compile_decoder_layers = compile_whole_decoder_layers
     torch.manual_seed(0)  # the same LoRA initialization as the baseline's
     try:
         model, speed = train.load_for_training(path, quantization, LORA, training, torch.device(DEVICE))
     finally:
         train.varlen_attention_available = varlen_available
+        train.compile_decoder_layers = compile_layers
     speed["checkpointed"] = train.choose_checkpointing(model, training, quantization, probe_batch,
                                                        speed["fused_loss"])
     fused = speed["fused_loss"]

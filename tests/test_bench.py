@@ -60,3 +60,30 @@ def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, options
     losses = [step(batch) for _ in range(2)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert used["checkpointed"] == (2 if options.get("gradient_checkpointing") is True else 0)
+
+
+def test_whole_layer_compile_experiment_trains_like_eager(monkeypatch):
+    """The bench's experiment: decoder layers compiled whole, checkpointing inside the graph,
+    give the eager loss and gradients (on the CPU's compiler), without graph breaks."""
+    import torch._dynamo
+
+    from test_speedups import LORA, assert_same, examples, loss_and_grads, tiny_model
+    from speedups import checkpoint_layers
+    from train import attach_lora, pack
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=True)
+    model.train()
+    checkpoint_layers(model, 1)
+    batch = pack(examples(), pad_id=0, device="cpu")
+    eager = loss_and_grads(model, batch)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
+    speed.compile_whole_decoder_layers(model)
+    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # it must fail here
+    try:
+        assert_same(loss_and_grads(model, batch), eager)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # with and without checkpointing
+        assert not torch._dynamo.utils.counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
