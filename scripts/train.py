@@ -184,11 +184,14 @@ def largest_batch(examples, training):
     budget = training["batch_tokens"]
     if not budget:
         return longest_first[: training["batch_size"]]
-    batch, rest = [], []
+    batch, rest, tokens = [], [], 0
     for example in longest_first:
-        fits = not batch or sum(len(ids) for ids, _ in batch) + len(example[0]) <= budget
-        (batch if fits else rest).append(example)
-    room = budget - sum(len(ids) for ids, _ in batch)
+        if not batch or tokens + len(example[0]) <= budget:
+            batch.append(example)
+            tokens += len(example[0])
+        else:
+            rest.append(example)
+    room = budget - tokens
     if room > 0 and rest:
         ids, labels = rest[0]
         batch.append((ids[:room], labels[:room]))
