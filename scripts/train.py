@@ -300,8 +300,7 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     varlen = training["packing"] and varlen_attention_available(device)
     if varlen:
         use_varlen_attention(model)
-    setting = training["gradient_checkpointing"]  # auto checkpoints nothing on a CPU
-    model = attach_lora(model, lora, setting is True or (setting == "auto" and device.type == "cuda"))
+    model = attach_lora(model, lora, checkpointing_wanted(training, device))
     if device.type == "cuda":
         keep_adapter_inputs_bf16(model)
     compiled = training["compile"] and device.type == "cuda"
@@ -315,6 +314,13 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
                    "varlen_attention": varlen, "compiled": compiled}
 
 
+def checkpointing_wanted(training, device):
+    """Whether any layer may be checkpointed: true, or auto on a GPU (auto checkpoints nothing
+    on a CPU, where no peak memory is measured)."""
+    setting = training["gradient_checkpointing"]
+    return setting is True or (setting == "auto" and device.type == "cuda")
+
+
 def choose_checkpointing(model, training, quantization, probe_batch, fused_loss):
     """Apply training.gradient_checkpointing; returns how many decoder layers are checkpointed.
 
@@ -324,11 +330,10 @@ def choose_checkpointing(model, training, quantization, probe_batch, fused_loss)
     """
     device = probe_batch["input_ids"].device
     layer_count = len(decoder_layers(model))
-    setting = training["gradient_checkpointing"]
-    if setting is False or (setting == "auto" and device.type != "cuda"):
+    if not checkpointing_wanted(training, device):
         checkpoint_layers(model, 0)
         return 0
-    if setting is True:
+    if training["gradient_checkpointing"] is True:
         checkpoint_layers(model, layer_count)
         return layer_count
     budget = training["memory_budget_gb"] or default_memory_budget_gb(device)
