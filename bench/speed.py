@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import speedups  # noqa: E402
 import train  # noqa: E402
-from build_model import KNOWN_ARCHITECTURES  # noqa: E402
+from build_model import KNOWN_ARCHITECTURES, random_init_model  # noqa: E402
 from variants import TRAINING_DEFAULTS  # noqa: E402
 
 VARIANTS = {
@@ -77,15 +77,12 @@ ABLATIONS = {
 
 def save_random_model(hub_id, directory):
     """The real architecture with random bf16 weights, saved so both runs load it the same way."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if (Path(directory) / "config.json").exists():
         return
     spec = dict(KNOWN_ARCHITECTURES[hub_id])
-    config = AutoConfig.for_model(spec.pop("architecture"), **spec)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model = random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec))
     model.save_pretrained(directory)
     del model
     torch.cuda.empty_cache()
