@@ -18,15 +18,20 @@ capped at 1024 like the pipeline's max_length): padded batches for the baseline,
 the same conversations for the trainer; tokens/s counts non-padding tokens.
 
     python bench/speed.py OUT.json [--variants v1 v2 v3] [--ultrachat FILE] [--profile DIR]
+                                   [--no-ablations]
+
+A full run with every ablation takes several minutes per variant on an H100; the committed
+results are from several runs of subsets (their `run` labels), each with its own baseline.
 
 Each variant runs in its own process (Liger patches transformers' modules in place; the
 baseline must see them unpatched). Rows of variants not run now are kept from an existing
 OUT.json of the same card.
 
-MFU counts 4 x the matmul parameters FLOPs per token (speedups.flops_per_token: forward 2N and
-the input-gradient half of backward 2N; frozen weights get no weight gradient; recomputation
-and attention scores are not counted), over the card's bf16 matmul rate measured in the same
-run (8192^3 products).
+MFU counts useful FLOPs: 4 x the matmul parameters per token (speedups.flops_per_token: forward
+2N and the input-gradient half of backward 2N; frozen weights get no weight gradient) plus
+causal attention, 6 x layers x heads x head_dim x length^2 per sequence (speedups.attention_flops);
+recomputation is not counted. Over the card's bf16 matmul rate measured in the same run (8192^3
+products).
 """
 
 import argparse
@@ -39,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.attention.varlen as varlen
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import speedups  # noqa: E402
@@ -63,8 +69,12 @@ ABLATIONS = {
         "precision fixes only (no fused kernels, all layers checkpointed)":
             {"fused_kernels": "none", "gradient_checkpointing": True, "compile": False},
         "not compiled (Liger's kernels instead)": {"compile": False},
-        "whole decoder layers compiled (norms, residuals, checkpointing inside; experiment)":
-            {"whole_layers": True},
+        "each layer's attention and MLP compiled separately (norms and residual adds eager)":
+            {"attention_and_mlp": True},
+        "whole layers checkpointed instead of recomputation inside the compiled layers":
+            {"layer_policy": True},
+        "copies of each key head for grouped-query attention (repeat_interleave)":
+            {"repeat_kv_heads": True},
         "no checkpointing (memory not limited)": {"gradient_checkpointing": False},
     },
     "ultrachat": {
@@ -73,6 +83,11 @@ ABLATIONS = {
         "batches of up to 4 x 1024 tokens (training.batch_tokens: 4096)": {"batch_tokens": 4096},
     },
 }
+# ablation switches that are not training options
+BENCH_ONLY = ("varlen", "layer_policy", "repeat_kv_heads", "attention_and_mlp")
+ORIGINALS = {(module, name): getattr(module, name) for module, name in (
+    (train, "varlen_attention_available"), (train, "plan_activation_memory"),
+    (train, "compile_decoder_layers"), (varlen, "varlen_attn"))}
 
 
 def save_random_model(hub_id, directory):
@@ -116,35 +131,53 @@ def baseline_model(path, quantization):
     return model, step
 
 
-BENCH_ONLY = ("varlen", "whole_layers")  # ablation switches that are not training options
-
-
-def compile_whole_decoder_layers(model):
-    """An experiment against speedups.compile_decoder_layers: compile each decoder layer whole,
-    its norms, residual adds and checkpointing included (equal to eager on CPU, not yet timed)."""
+def compile_attention_and_mlp(model):
+    """The earlier compile_decoder_layers: each layer's attention and MLP compiled on their own,
+    norms and residual adds eager."""
     import torch._dynamo
 
     torch._dynamo.config.suppress_errors = True
     for layer in speedups.decoder_layers(model):
-        layer.compile(dynamic=None)
+        for name, child in layer.named_children():
+            if name in ("self_attn", "mlp"):
+                child.compile(dynamic=None)
+
+
+def layer_checkpointing_plan(model, step_peak_gb, budget_gb):
+    """The uncompiled trainer's policy on compiled layers: whole layers checkpointed."""
+    return speedups.plan_checkpointing(model, step_peak_gb, budget_gb), 1.0
+
+
+def repeat_key_heads(varlen_attn):
+    """varlen_attn given one copy of each key and value head per query head (GQA spelled out)."""
+    def attention(query, key, value, *args, enable_gqa=False, **kwargs):
+        groups = query.size(1) // key.size(1)
+        return varlen_attn(query, key.repeat_interleave(groups, 1),
+                           value.repeat_interleave(groups, 1), *args, **kwargs)
+    return attention
 
 
 def trainer_model(path, quantization, options, probe_batch, budget_gb):
     training = {**TRAINER, **{k: v for k, v in options.items() if k not in BENCH_ONLY},
                 "memory_budget_gb": budget_gb}
-    varlen_available, compile_layers = train.varlen_attention_available, train.compile_decoder_layers
-    if options.get("varlen") is False:  # the ablation: packed batches through SDPA's mask
-        train.varlen_attention_available = lambda device: False
-    if options.get("whole_layers"):
-        train.compile_decoder_layers = compile_whole_decoder_layers
+    # Fresh compilations for every run (graphs of an earlier model of the same code would be
+    # reused otherwise), starting from everything kept.
+    speedups.set_activation_memory_kept(1.0)
+    # This run's ablation patches, the originals elsewhere; they stay for the run's steps, since
+    # the compiled layers trace them at their first step.
+    patches = {
+        (train, "varlen_attention_available"): options.get("varlen") is False and (lambda device: False),
+        (train, "plan_activation_memory"): options.get("layer_policy") and layer_checkpointing_plan,
+        (train, "compile_decoder_layers"): options.get("attention_and_mlp") and compile_attention_and_mlp,
+        (varlen, "varlen_attn"): options.get("repeat_kv_heads") and repeat_key_heads(ORIGINALS[varlen, "varlen_attn"]),
+    }
+    for (module, name), patch in patches.items():
+        setattr(module, name, patch or ORIGINALS[module, name])
     torch.manual_seed(0)  # the same LoRA initialization as the baseline's
-    try:
-        model, speed = train.load_for_training(path, quantization, LORA, training, torch.device(DEVICE))
-    finally:
-        train.varlen_attention_available = varlen_available
-        train.compile_decoder_layers = compile_layers
-    speed["checkpointed"] = train.choose_checkpointing(model, training, quantization, probe_batch,
-                                                       speed["fused_loss"])
+    model, speed = train.load_for_training(path, quantization, LORA, training, torch.device(DEVICE))
+    plan = train.choose_checkpointing(model, training, quantization, probe_batch,
+                                      speed["fused_loss"], speed["compiled"])
+    speed.update(checkpointed=plan["gradient_checkpointing_layers"], activations_kept=plan["activations_kept"])
     fused = speed["fused_loss"]
     return model, lambda batch: train.forward_backward(model, batch, fused_loss=fused)[0], speed
 
@@ -157,8 +190,10 @@ def measure(model, step, batches, steps, warmup, profile_to=None):
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4)
+    # each batch's attention FLOPs, read before the timed steps (reading them syncs the GPU)
+    attention = [speedups.attention_flops(model.config, sequence_lengths(batch)) for batch in batches]
     torch.cuda.reset_peak_memory_stats()
-    times, tokens, losses, first_step_s = [], [], [], None
+    times, tokens, losses, first_step_s, attention_sum = [], [], [], None, 0
     for index in range(warmup + steps):
         batch = batches[index % len(batches)]
         torch.cuda.synchronize()
@@ -173,14 +208,29 @@ def measure(model, step, batches, steps, warmup, profile_to=None):
             first_step_s = time.perf_counter() - started
         if index >= warmup:
             times.append(time.perf_counter() - started)
-            mask = batch.get("attention_mask")
-            tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+            tokens.append(sum(sequence_lengths(batch)))
+            attention_sum += attention[index % len(batches)]
     peak_gb = torch.cuda.max_memory_allocated() / 1e9
     if profile_to:
         profile_step(step, batches[0], profile_to)
     return {"s_per_step": statistics.median(times), "tokens_per_s": sum(tokens) / sum(times),
+            "attention_flops_per_s": attention_sum / sum(times),
             "peak_gb": peak_gb, "losses": losses, "first_step_s": first_step_s,
             "spread": (max(times) - min(times)) / statistics.median(times)}
+
+
+def sequence_lengths(batch):
+    """The real (non-padding) length of each sequence in a padded or packed batch."""
+    if "cu_seq_lens_q" in batch:
+        return batch["cu_seq_lens_q"].diff().tolist()
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum(1).tolist()
+    return [batch["input_ids"].size(1)] * batch["input_ids"].size(0)
+
+
+def mfu(result, flops_per_token, peak_tflops):
+    """Useful FLOPs (matmuls and attention, no recomputation) per second over the card's rate."""
+    return (result["tokens_per_s"] * flops_per_token + result["attention_flops_per_s"]) / (peak_tflops * 1e12)
 
 
 def profile_step(step, batch, path):
@@ -289,8 +339,7 @@ def run_variant(variant, args, peak_tflops):
                              profile_name and args.profile and args.profile / profile_name)
             del model, step
             release()
-            result.update(speed=speed, mfu=result["tokens_per_s"] * flops / (peak_tflops * 1e12),
-                          flops_per_token=flops)
+            result.update(speed=speed, mfu=mfu(result, flops, peak_tflops), flops_per_token=flops)
             return result
 
         # Runs with Liger's module kernels (uncompiled, fused) go last: Liger patches
@@ -307,7 +356,7 @@ def run_variant(variant, args, peak_tflops):
             "s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
             "peak_gb": ours["peak_gb"], "baseline_peak_gb": base["peak_gb"],
             "mfu": ours["mfu"],
-            "baseline_mfu": base["tokens_per_s"] * ours["flops_per_token"] / (peak_tflops * 1e12),
+            "baseline_mfu": mfu(base, ours["flops_per_token"], peak_tflops),
             "speed_options": ours["speed"],
             "mean_loss": statistics.mean(ours["losses"]),
             "baseline_mean_loss": statistics.mean(base["losses"]),
@@ -374,7 +423,8 @@ def main():
         "versions": {package: _version(package) for package in
                      ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel")},
         "flops_per_token": "4 x matmul parameters (forward + input-gradient backward; "
-                           "no recomputation, no attention scores)",
+                           "no recomputation) + causal attention 6 x layers x heads x head_dim x "
+                           "length^2 per sequence (forward + backward)",
         "trainer_defaults": TRAINER,
         "rows": [],
         "ablations": [],

@@ -10,7 +10,7 @@ COLUMNS = [
     "token_accuracy", "train_seconds", "median_s_per_step", "tokens_per_s", "peak_memory_gb",
     "peak_reserved_gb", "memory_kind", "trainable_params", "total_params", "device",
     "random_init", "mfu", "bf16_matmul_tflops", "gradient_checkpointing_layers", "decoder_layers",
-    "compiled", "fused_loss", "fused_kernels", "varlen_attention",
+    "activations_kept", "compiled", "fused_loss", "fused_kernels", "varlen_attention",
 ]
 
 

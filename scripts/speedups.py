@@ -3,16 +3,19 @@
 - fused_kernels: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE, and its fused linear
   cross-entropy, which computes the loss chunk by chunk from the last hidden states and never
   holds the batch x length x vocabulary logits.
-- gradient_checkpointing: auto: recompute only as many decoder layers as the memory budget
-  requires, measured on the run's largest batch before training.
+- gradient_checkpointing: auto: recompute only as much as the memory budget requires, measured
+  on the run's largest batch before training: compiled layers recompute their cheapest
+  activations (plan_activation_memory), uncompiled ones whole layers (plan_checkpointing).
 - packing (see train.pack): on CUDA, attention over the packed conversations runs as
   variable-length flash attention, which computes no score between two conversations.
-- compile: torch.compile of each decoder layer's attention and MLP, LoRA included: fewer kernels
-  and far less Python per step (the uncompiled trainer leaves the GPU waiting for the CPU).
+- compile: torch.compile of each decoder layer, LoRA included: fewer kernels and far less Python
+  per step (the uncompiled trainer leaves the GPU waiting for the CPU). Under a memory budget it
+  recomputes the cheapest activations in backward rather than whole layers.
 - mixed precision: LoRA weights stay float32 for the optimizer; on CUDA their matmuls run in
   bf16 under autocast, without the float32 copy of every adapter input that peft makes otherwise.
 
-Also the numbers behind MFU: FLOPs per token and the card's measured bf16 matmul rate.
+Also the numbers behind MFU: matmul FLOPs per token, attention FLOPs per sequence and the
+card's measured bf16 matmul rate.
 """
 
 import contextlib
@@ -77,17 +80,18 @@ def apply_fused_kernels(model):
 
 
 def compile_decoder_layers(model):
-    """torch.compile each decoder layer's attention and MLP (LoRA included): fewer, fused
-    kernels and far less Python per step. The layers share one compiled graph; the
-    checkpointing wrapper stays outside it, so the policy still applies per layer."""
+    """torch.compile each decoder layer whole, LoRA included: norms, attention, MLP and residual
+    adds become one graph of fused kernels with far less Python per step, and one graph in which
+    torch.compile can recompute cheap activations in backward instead of keeping them
+    (set_activation_memory_kept). The layers share that graph. The checkpointing wrapper
+    (transformers' GradientCheckpointingLayer.__call__) stays outside it, so checkpointing
+    still applies per layer."""
     import torch._dynamo
 
     # A model torch.compile cannot trace runs uncompiled, with a warning, rather than failing.
     torch._dynamo.config.suppress_errors = True
     for layer in decoder_layers(model):
-        for name, child in layer.named_children():
-            if name in ("self_attn", "mlp"):
-                child.compile(dynamic=None)
+        layer.compile(dynamic=None)
 
 
 def can_fuse_loss(model):
@@ -212,6 +216,70 @@ def plan_checkpointing(model, step_peak_gb, budget_gb, probe_layers=4):
     return count
 
 
+def set_activation_memory_kept(fraction):
+    """How much of a compiled layer's activations backward reads from memory, from 0 to 1:
+    torch.compile's partitioner recomputes the rest in backward, the fewest FLOPs per byte saved
+    first (pointwise ops and norms before matmuls): torch._functorch's activation_memory_budget.
+    It is read when a graph compiles, so the compiled layers are dropped here and compile again on
+    their next call. Process-wide: the pipeline trains each variant in a process of its own."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._functorch.config.activation_memory_budget = fraction
+    torch._dynamo.reset()
+
+
+def plan_activation_memory(model, step_peak_gb, budget_gb, tries=3):
+    """For compiled layers: keep as much of their activations as `budget_gb` allows and let
+    torch.compile recompute the rest. Returns (checkpointed layers, fraction kept).
+
+    `step_peak_gb()` runs one forward and backward on the run's largest batch and returns its
+    peak memory. Probes: everything kept; every layer checkpointed (the least memory: each layer
+    keeps only its input); then a fraction interpolated between the two, which is checked and
+    lowered while it overshoots. Each new fraction costs one compilation. Recomputing within a
+    layer beats checkpointing whole layers: the cheap ops go first, and the large matmuls only
+    as far as the budget needs.
+    """
+    layer_count = checkpoint_layers(model, 0)
+    set_activation_memory_kept(1.0)
+    peak_all_kept = _peak_or_inf(step_peak_gb)
+    if peak_all_kept <= budget_gb:
+        log.info("activation memory: all kept (%.2f GB, budget %.2f GB)", peak_all_kept, budget_gb)
+        return 0, 1.0
+    checkpoint_layers(model, layer_count)
+    peak_least = step_peak_gb()  # out of memory here: the caller says what to change
+    if peak_least > budget_gb:
+        log.warning("even with every layer checkpointed a step peaks at %.2f GB, over the "
+                    "%.2f GB budget (training.memory_budget_gb)", peak_least, budget_gb)
+        return layer_count, 1.0
+    checkpoint_layers(model, 0)
+    # Memory grows about linearly with the fraction kept: aim between the two probes.
+    fraction = 0.5 if math.isinf(peak_all_kept) else (budget_gb - peak_least) / (peak_all_kept - peak_least)
+    for _ in range(tries):
+        fraction = math.floor(fraction * 100) / 100
+        if fraction <= 0:
+            break
+        set_activation_memory_kept(fraction)
+        peak = _peak_or_inf(step_peak_gb)
+        if peak <= budget_gb:
+            log.info("activation memory: %.0f%% kept, the rest recomputed (%.2f GB; %.2f GB with "
+                     "all kept, %.2f GB with every layer checkpointed; budget %.2f GB)",
+                     100 * fraction, peak, peak_all_kept, peak_least, budget_gb)
+            return 0, fraction
+        fraction = fraction / 2 if math.isinf(peak) else 0.95 * fraction * (budget_gb - peak_least) / (peak - peak_least)
+    set_activation_memory_kept(1.0)  # every layer checkpointed, measured to fit
+    checkpoint_layers(model, layer_count)
+    log.info("activation memory: every layer checkpointed (%.2f GB, budget %.2f GB)", peak_least, budget_gb)
+    return layer_count, 1.0
+
+
+def _peak_or_inf(step_peak_gb):
+    try:
+        return step_peak_gb()
+    except torch.cuda.OutOfMemoryError:
+        return math.inf
+
+
 def default_memory_budget_gb(device):
     """What this process holds plus 90% of what is free on the card: the rest is left to the
     allocator's fragmentation, the CUDA context's growth and other processes."""
@@ -266,26 +334,29 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
 
     # (1, heads, tokens, dim) -> (tokens, heads, dim)
     query, key, value = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
-    if key.size(1) != query.size(1):  # grouped-query attention: one key head per group
-        groups = query.size(1) // key.size(1)
-        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     max_length = kwargs["max_length_q"]
     out = varlen_attn(query, key, value, bounds, bounds, max_length, max_length,
-                      scale=scaling, **_CAUSAL)
+                      scale=scaling, **_VARLEN_OPTIONS)
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), no attention weights
 
 
-def _causal_argument():
-    """torch 2.10/2.11 take is_causal=True; later versions a window of (-1, 0)."""
+def _varlen_options():
+    """Causal masking: torch 2.10/2.11 take is_causal=True, later versions a window of (-1, 0).
+    Grouped-query attention (fewer key than query heads): the flash kernel reads each key head
+    for its group of query heads, no copies; later versions ask for enable_gqa, 2.11 takes it
+    as is (checked against copied key heads on an H100, bench/results)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return {}
     parameters = inspect.signature(varlen_attn).parameters
-    return {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    options = {"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)}
+    if "enable_gqa" in parameters:
+        options["enable_gqa"] = True
+    return options
 
 
-_CAUSAL = _causal_argument()
+_VARLEN_OPTIONS = _varlen_options()
 
 
 # --- MFU -----------------------------------------------------------------------------------------
@@ -293,12 +364,22 @@ _CAUSAL = _causal_argument()
 def flops_per_token(model):
     """4 x the parameters of the model's matmuls (lm_head included, embeddings and LoRA not):
     2N forward and 2N for the input gradients in backward. Frozen weights get no weight
-    gradient, recomputation is not useful work, attention scores are left out."""
+    gradient, recomputation is not useful work; attention is counted by attention_flops."""
     total = 0
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) and "lora_" not in name:
             total += module.in_features * module.out_features  # 4-bit weights are packed
     return 4 * total
+
+
+def attention_flops(config, lengths):
+    """Causal attention's FLOPs, forward and backward, for sequences of `lengths` tokens (not in
+    flops_per_token: they grow with the length). Per layer and sequence of L tokens, with
+    d = heads x head dim: Q K^T and P V take L^2 d each over the causal half, backward twice
+    the forward, so 6 L^2 d. Recomputation inside the kernel is not counted."""
+    width = config.num_attention_heads * (getattr(config, "head_dim", None)
+                                          or config.hidden_size // config.num_attention_heads)
+    return 6 * config.num_hidden_layers * width * sum(length * length for length in lengths)
 
 
 def bf16_matmul_tflops(device, size=8192, repeats=10):

@@ -32,6 +32,7 @@ from errors import LoranotesError, configure_logging, entry_point
 from model_sources import lora_layer_names_of, target_modules_problem
 from speedups import (
     apply_fused_kernels,
+    attention_flops,
     bf16_matmul_tflops,
     can_fuse_loss,
     checkpoint_layers,
@@ -44,6 +45,7 @@ from speedups import (
     keep_adapter_inputs_bf16,
     lora_mixed_precision,
     packed_sequence_bounds,
+    plan_activation_memory,
     plan_checkpointing,
     use_fused_kernels,
     use_varlen_attention,
@@ -62,7 +64,8 @@ log = logging.getLogger("loranotes.train")
 
 # Steps left out of speed figures: the first ones pay for allocation and kernel selection.
 WARMUP_STEPS_EXCLUDED = 2
-STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens", "peak_memory_gb"]
+STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens",
+                "attention_flops", "peak_memory_gb"]
 
 
 # Settings a run may change and still resume its checkpoint: they trade memory for speed and
@@ -292,7 +295,7 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     if problem:
         raise TrainingError(f"lora.target_modules: {problem}")
     fused = use_fused_kernels(training["fused_kernels"], model.config.model_type, device)
-    # Compiled attention and MLP get RoPE, the q/k norms and SwiGLU fused by torch.compile;
+    # Compiled layers get their norms, RoPE and SwiGLU fused by torch.compile;
     # Liger's layer kernels are for uncompiled runs. The loss is fused either way.
     layer_kernels = fused and not training["compile"]
     if layer_kernels:
@@ -321,21 +324,24 @@ def checkpointing_wanted(training, device):
     return setting is True or (setting == "auto" and device.type == "cuda")
 
 
-def choose_checkpointing(model, training, quantization, probe_batch, fused_loss):
-    """Apply training.gradient_checkpointing; returns how many decoder layers are checkpointed.
+def choose_checkpointing(model, training, quantization, probe_batch, fused_loss, compiled):
+    """Apply training.gradient_checkpointing. Returns how many decoder layers are checkpointed
+    and which fraction of the compiled layers' activations they keep (the rest is recomputed).
 
-    true: all; false: none; auto: on CUDA only as many as keep a step of `probe_batch` (the
-    run's largest) within training.memory_budget_gb (default_memory_budget_gb), measured; on
-    CPU none.
+    true: every layer; false: none; auto: on CUDA only as much as keeps a step of `probe_batch`
+    (the run's largest) within training.memory_budget_gb (default_memory_budget_gb), measured:
+    compiled layers recompute their cheapest activations first, uncompiled ones whole layers;
+    on CPU none.
     """
     device = probe_batch["input_ids"].device
     layer_count = len(decoder_layers(model))
+    plan = {"gradient_checkpointing_layers": 0, "activations_kept": 1.0}
     if not checkpointing_wanted(training, device):
         checkpoint_layers(model, 0)
-        return 0
+        return plan
     if training["gradient_checkpointing"] is True:
         checkpoint_layers(model, layer_count)
-        return layer_count
+        return {**plan, "gradient_checkpointing_layers": layer_count}
     budget = training["memory_budget_gb"] or default_memory_budget_gb(device)
 
     def step_peak_gb():
@@ -350,7 +356,10 @@ def choose_checkpointing(model, training, quantization, probe_batch, fused_loss)
     # The probes draw dropout masks; how many run depends on the card, the seeded run must not.
     with torch.random.fork_rng(devices=[device]):
         try:
-            return plan_checkpointing(model, step_peak_gb, budget)
+            if compiled:
+                layers, kept = plan_activation_memory(model, step_peak_gb, budget)
+                return {"gradient_checkpointing_layers": layers, "activations_kept": kept}
+            return {**plan, "gradient_checkpointing_layers": plan_checkpointing(model, step_peak_gb, budget)}
         except torch.cuda.OutOfMemoryError as error:
             raise out_of_memory("in a step of the run's largest batch, with every layer "
                                 "checkpointed", probe_batch, training, quantization,
@@ -446,6 +455,9 @@ def summarize(steps, eval_before, eval_after, device_metrics, params):
     timed = frame.iloc[WARMUP_STEPS_EXCLUDED:] if len(frame) > WARMUP_STEPS_EXCLUDED else frame
     tokens_per_s = float(timed["tokens"].sum() / timed["seconds"].sum())
     peak_tflops = params.get("bf16_matmul_tflops")
+    # steps of a checkpoint written before attention FLOPs were counted have none
+    attention = timed["attention_flops"].fillna(0).sum() if "attention_flops" in timed else 0
+    useful_flops = float(timed["tokens"].sum() * params["flops_per_token"] + attention)
     return {
         "steps": len(frame),
         "final_train_loss": float(tail["loss"].mean()),
@@ -457,8 +469,9 @@ def summarize(steps, eval_before, eval_after, device_metrics, params):
         "eval_accuracy_after": eval_after[1],
         "median_s_per_step": float(statistics.median(timed["seconds"])),
         "tokens_per_s": tokens_per_s,
-        # model FLOPs utilization: useful FLOPs per second over the card's measured bf16 rate
-        "mfu": tokens_per_s * params["flops_per_token"] / (peak_tflops * 1e12) if peak_tflops else None,
+        # model FLOPs utilization: useful FLOPs (matmuls and attention; no recomputation) per
+        # second over the card's measured bf16 rate
+        "mfu": useful_flops / timed["seconds"].sum() / (peak_tflops * 1e12) if peak_tflops else None,
         "train_seconds": float(frame["seconds"].sum()),
         "train_tokens": int(frame["tokens"].sum()),
         **device_metrics,
@@ -487,19 +500,22 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
              ",".join(lora["target_modules"]), f"{trainable:,}", f"{total:,}")
 
     make_batch = pack if training["packing"] else collate
-    speed["gradient_checkpointing_layers"] = choose_checkpointing(
+    speed.update(choose_checkpointing(
         model, training, quantization,
         make_batch(largest_batch(train_examples, training), pad_id, device), speed["fused_loss"],
-    )
+        speed["compiled"],
+    ))
     speed["decoder_layers"] = len(decoder_layers(model))
     # MFU's denominator, measured before training; on CPU there is no comparable matmul peak
     speed["bf16_matmul_tflops"] = bf16_matmul_tflops(device) if device.type == "cuda" else None
     log.info("speed: torch.compile %s, fused loss %s, Liger layer kernels %s, packing %s%s, "
-             "gradient checkpointing on %d of %d layers", "on" if speed["compiled"] else "off",
+             "gradient checkpointing on %d of %d layers, %.0f%% of activations kept",
+             "on" if speed["compiled"] else "off",
              "on" if speed["fused_loss"] else "off", "on" if speed["fused_kernels"] else "off",
              "on" if training["packing"] else "off",
              " (variable-length flash attention)" if speed["varlen_attention"] else "",
-             speed["gradient_checkpointing_layers"], speed["decoder_layers"])
+             speed["gradient_checkpointing_layers"], speed["decoder_layers"],
+             100 * speed["activations_kept"])
 
     lora_params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_params, lr=training["lr"], weight_decay=training["weight_decay"])
@@ -525,9 +541,11 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     reset_peak_memory(device)
     for step in range(len(steps) + 1, training["steps"] + 1):
         started = time.perf_counter()
-        loss_sum = correct = targets = tokens = 0
+        loss_sum = correct = targets = tokens = attention = 0
         for _ in range(training["grad_accum"]):
-            batch = make_batch(next(batches), pad_id, device)
+            examples = next(batches)
+            batch = make_batch(examples, pad_id, device)
+            attention += attention_flops(model.config, [len(ids) for ids, _ in examples])
             # Micro-batches weigh equally (each is a mean over its targets), as in HF Trainer.
             try:
                 loss, batch_correct, batch_targets, batch_tokens = forward_backward(
@@ -558,6 +576,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         steps.append({
             "step": step, "loss": loss_sum, "token_accuracy": correct / targets, "lr": lr,
             "grad_norm": float(grad_norm), "seconds": seconds, "tokens": tokens,
+            "attention_flops": attention,
             "peak_memory_gb": peak_memory(device)["peak_memory_gb"],
         })
         if step == 1 or step % 10 == 0 or step == training["steps"]:

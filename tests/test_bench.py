@@ -62,9 +62,9 @@ def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, options
     assert used["checkpointed"] == (2 if options.get("gradient_checkpointing") is True else 0)
 
 
-def test_whole_layer_compile_experiment_trains_like_eager(monkeypatch):
-    """The bench's experiment: decoder layers compiled whole, checkpointing inside the graph,
-    give the eager loss and gradients (on the CPU's compiler), without graph breaks."""
+def test_attention_and_mlp_compile_ablation_trains_like_eager(monkeypatch):
+    """The bench's ablation (the earlier compile_decoder_layers): attention and MLP compiled on
+    their own give the eager loss and gradients (on the CPU's compiler), without graph breaks."""
     import torch._dynamo
 
     from test_speedups import LORA, assert_same, examples, loss_and_grads, tiny_model
@@ -78,12 +78,24 @@ def test_whole_layer_compile_experiment_trains_like_eager(monkeypatch):
     checkpoint_layers(model, 1)
     batch = pack(examples(), pad_id=0, device="cpu")
     eager = loss_and_grads(model, batch)
-    monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)
-    speed.compile_whole_decoder_layers(model)
+    speed.compile_attention_and_mlp(model)
     monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # it must fail here
     try:
         assert_same(loss_and_grads(model, batch), eager)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # with and without checkpointing
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # attention and MLP
         assert not torch._dynamo.utils.counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_repeated_key_heads_ablation_computes_the_same_attention():
+    from test_speedups import reference_varlen_attn
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(10, 4, 8, generator=generator)
+    key, value = torch.randn(2, 10, 2, 8, generator=generator)
+    bounds = torch.tensor([0, 4, 10], dtype=torch.int32)
+    native = reference_varlen_attn(query, key, value, bounds, bounds, 6, 6, enable_gqa=True, is_causal=True)
+    copied = speed.repeat_key_heads(reference_varlen_attn)(query, key, value, bounds, bounds, 6, 6,
+                                                            enable_gqa=True, is_causal=True)
+    assert torch.allclose(native, copied, atol=1e-6)

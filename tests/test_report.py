@@ -181,14 +181,16 @@ def test_mfu_is_shown_as_a_percentage_and_as_a_dash_when_null(tmp_path):
     assert ("- Speed options: torch.compile off, fused loss off, Liger layer kernels off, packed "
             "batches, gradient checkpointing on 0 of 4 layers\n") in section(report, "v1: nf4 baseline")
     assert ("- Speed options: torch.compile on, fused loss on, Liger layer kernels off, packed "
-            "batches, gradient checkpointing on 1 of 4 layers\n") in section(report, "v2: no quantization")
+            "batches, gradient checkpointing on 1 of 4 layers, 35% of the compiled layers' activations "
+            "kept (the rest recomputed in backward)\n") in section(report, "v2: no quantization")
 
 
 def test_metrics_without_mfu_keys_still_render(tmp_path):
     """metrics.json written before train.py measured MFU: the table shows '—', the sections
     leave MFU and gradient checkpointing out."""
     new_keys = ["mfu", "bf16_matmul_tflops", "flops_per_token", "gradient_checkpointing_layers",
-                "decoder_layers", "compiled", "fused_loss", "fused_kernels", "varlen_attention"]
+                "decoder_layers", "activations_kept", "compiled", "fused_loss", "fused_kernels",
+                "varlen_attention"]
     report = render(tmp_path, drop=new_keys)
     assert [row["MFU"] for row in stats_table(report)] == ["—", "—"]
     assert_stats_table_matches(report, pd.read_csv(tmp_path / "results" / "metrics.csv"))

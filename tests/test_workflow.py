@@ -13,7 +13,7 @@ from util import PNG_MAGIC, assert_stats_table_matches, fence_contents, images
 from variants import resolve_config
 
 STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens",
-                "peak_memory_gb"]
+                "attention_flops", "peak_memory_gb"]
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,7 @@ def fake_metrics(index, **overrides):
         "flops_per_token": 4.0 * 100000,
         "gradient_checkpointing_layers": index,
         "decoder_layers": 4,
+        "activations_kept": 1.0 if index == 0 else 0.35,
         "compiled": index == 1,
         "fused_loss": index == 1,
         "fused_kernels": False,
