@@ -190,8 +190,7 @@ def plan_checkpointing(model, step_peak_gb, budget_gb, probe_layers=4):
     layer_count = checkpoint_layers(model, len(decoder_layers(model)))
     peak_all = step_peak_gb()
     if peak_all > budget_gb:
-        log.warning("even with every layer checkpointed a step peaks at %.2f GB, over the "
-                    "%.2f GB budget (training.memory_budget_gb)", peak_all, budget_gb)
+        _warn_over_budget(peak_all, budget_gb)
         return layer_count
     probe = min(probe_layers, layer_count)
     checkpoint_layers(model, layer_count - probe)
@@ -203,11 +202,7 @@ def plan_checkpointing(model, step_peak_gb, budget_gb, probe_layers=4):
     count = layers_to_checkpoint(layer_count, peak_all, extra, budget_gb)
     while count < layer_count:
         checkpoint_layers(model, count)
-        try:
-            peak = step_peak_gb()
-        except torch.cuda.OutOfMemoryError:
-            peak = math.inf
-        if peak <= budget_gb:
+        if _peak_or_inf(step_peak_gb) <= budget_gb:
             break
         count += 1
     checkpoint_layers(model, count)
@@ -249,8 +244,7 @@ def plan_activation_memory(model, step_peak_gb, budget_gb, tries=3):
     checkpoint_layers(model, layer_count)
     peak_least = step_peak_gb()  # out of memory here: the caller says what to change
     if peak_least > budget_gb:
-        log.warning("even with every layer checkpointed a step peaks at %.2f GB, over the "
-                    "%.2f GB budget (training.memory_budget_gb)", peak_least, budget_gb)
+        _warn_over_budget(peak_least, budget_gb)
         return layer_count, 1.0
     checkpoint_layers(model, 0)
     # Memory grows about linearly with the fraction kept: aim between the two probes.
@@ -274,10 +268,16 @@ def plan_activation_memory(model, step_peak_gb, budget_gb, tries=3):
 
 
 def _peak_or_inf(step_peak_gb):
+    """A probe's peak; a probe that runs out of memory is simply over any budget."""
     try:
         return step_peak_gb()
     except torch.cuda.OutOfMemoryError:
         return math.inf
+
+
+def _warn_over_budget(peak_gb, budget_gb):
+    log.warning("even with every layer checkpointed a step peaks at %.2f GB, over the "
+                "%.2f GB budget (training.memory_budget_gb)", peak_gb, budget_gb)
 
 
 def default_memory_budget_gb(device):
