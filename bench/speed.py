@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import speedups  # noqa: E402
 import train  # noqa: E402
 from build_model import KNOWN_ARCHITECTURES, random_init_model  # noqa: E402
-from variants import TRAINING_DEFAULTS  # noqa: E402
+from experiment_config import TRAINING_DEFAULTS  # noqa: E402
 
 VARIANTS = {
     "v1": ("Qwen/Qwen3-4B", "nf4"),

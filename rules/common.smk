@@ -7,7 +7,7 @@ min_version("9.0")
 
 # The pipeline's logic lives in scripts/ as importable modules; the rules only wire files.
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
-from variants import (
+from experiment_config import (
     ConfigError,
     check_models,
     resolve_config,

@@ -13,7 +13,7 @@ from PIL import Image
 import collect_metrics
 import plot_loss
 from util import PNG_MAGIC, fake_metrics, fake_snakemake
-from variants import resolve_config
+from experiment_config import resolve_config
 
 
 def experiment_variants():

@@ -15,7 +15,7 @@ from prepare_data import load_rows, prepare
 from tokenize_data import tokenize_split
 from train import evaluate, read_tokenized, train
 from util import labelled_runs
-from variants import LORA_DEFAULTS, TRAINING_DEFAULTS
+from experiment_config import LORA_DEFAULTS, TRAINING_DEFAULTS
 
 MAX_LENGTH = 256
 TRAINING = {**TRAINING_DEFAULTS, "steps": 40, "lr": 1.0e-2, "batch_size": 4,

@@ -21,7 +21,7 @@ from util import (
     stats_table,
     tables,
 )
-from variants import resolve_config
+from experiment_config import resolve_config
 
 # Model output that would break naive markdown: fences of 3 and 4 backticks, HTML, table pipes.
 NASTY = (

@@ -35,7 +35,7 @@ from prepare_data import main as prepare_data_main
 from render_report import fence
 from tokenize_data import tokenize_split
 from util import fake_snakemake
-from variants import LORA_DEFAULTS, TRAINING_DEFAULTS, resolve_config
+from experiment_config import LORA_DEFAULTS, TRAINING_DEFAULTS, resolve_config
 
 FAKE_TOKEN = "hf_fakeSECRET1234567890"
 TINY_QWEN3 = {

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import run_snakemake
 from util import PNG_MAGIC, assert_stats_table_matches, fence_contents, images
-from variants import resolve_config
+from experiment_config import resolve_config
 
 STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens",
                 "attention_flops", "peak_memory_gb"]

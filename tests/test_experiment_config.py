@@ -1,4 +1,4 @@
-"""Variant inheritance and config checks (scripts/variants.py), and that `snakemake -n` stops on
+"""Variant inheritance and config checks (scripts/experiment_config.py), and that `snakemake -n` stops on
 a bad config with the same message."""
 
 import copy
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_workflow, run_snakemake
-from variants import ConfigError, resolve_config
+from experiment_config import ConfigError, resolve_config
 
 SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
 
@@ -192,7 +192,7 @@ def test_dry_run_stops_on_a_bad_config_with_the_message(tmp_path):
     ],
 )
 def test_speed_options_are_checked_with_the_key_named(setting, value, message):
-    from variants import validate_config
+    from experiment_config import validate_config
 
     config = base_config()
     config["training"][setting] = value
@@ -204,7 +204,7 @@ def test_speed_options_are_checked_with_the_key_named(setting, value, message):
 
 @pytest.mark.parametrize("value", ["auto", True, False])
 def test_gradient_checkpointing_takes_auto_or_a_boolean(value):
-    from variants import validate_config
+    from experiment_config import validate_config
 
     config = base_config()
     config["training"].update(gradient_checkpointing=value, memory_budget_gb=12.5)
