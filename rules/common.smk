@@ -1,3 +1,6 @@
+import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -11,9 +14,13 @@ from experiment_config import (
     ConfigError,
     check_models,
     resolve_config,
+    run_training,
     validate_config,
 )  # noqa: E402
 
+CONFIG_FILES = workflow.overwrite_configfiles or [
+    Path(workflow.basedir) / "config.yaml"
+]
 CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"]))
 # Like snakemake.utils.validate, but each message names the file and key and says what to do.
 try:
@@ -27,11 +34,20 @@ except ConfigError as error:
 VARIANTS = CONFIG["variants"]
 MODELS = CONFIG["models"]
 
+# Provenance (scripts/provenance.py): the command the user typed and the config files, as the
+# jobs' environment (the job processes inherit it, SLURM jobs through --export=ALL). Not params:
+# a param that changes with every invocation would rerun every job.
+os.environ.setdefault("LORANOTES_COMMAND", shlex.join(sys.argv))
+os.environ.setdefault(
+    "LORANOTES_CONFIG_FILES", json.dumps([str(Path(f).resolve()) for f in CONFIG_FILES])
+)
+
 
 wildcard_constraints:
     variant="|".join(VARIANTS),
     model="|".join(MODELS),
     quant="nf4|none",
+    seed=r"\d+",
 
 
 def dataset_files():
@@ -86,6 +102,56 @@ def before_samples(variant):
     return f"results/samples/before/{v['model']}__{v['quantization']}.json"
 
 
+# --- runs: one per (variant, seed) ------------------------------------------------------------
+
+
+def runs(variants=None):
+    """(variant, seed) of every training run, in config order: variants, then their seeds."""
+    return [(v, seed) for v in variants or VARIANTS for seed in VARIANTS[v]["seeds"]]
+
+
+def run_dir(variant, seed):
+    return f"results/variants/{variant}/seed-{seed}"
+
+
+def run_files(filename, variants=None):
+    """One file of every run: run_files("metrics.json") for all, or of some variants."""
+    return [f"{run_dir(v, seed)}/{filename}" for v, seed in runs(variants)]
+
+
+def first_seed(variant):
+    """The run whose adapter answers the prompts ("after" samples): the variant's first seed."""
+    return VARIANTS[variant]["seeds"][0]
+
+
+def after_samples(variant):
+    return f"{run_dir(variant, first_seed(variant))}/samples_after.json"
+
+
+def get_variant_model(wildcards):
+    return VARIANTS[wildcards.variant]["model"]
+
+
+def get_train_input(wildcards):
+    return {
+        **tokenized_files(wildcards.variant),
+        "model": model_files(get_variant_model(wildcards)),
+    }
+
+
+def get_run_settings(wildcards):
+    """Everything that shapes one run, so changing one reruns that run only; the seed is the
+    run's own (adding a seed to training.seeds leaves the other runs' settings unchanged).
+    """
+    variant = VARIANTS[wildcards.variant]
+    return {
+        "model": variant["model"],
+        "quantization": variant["quantization"],
+        "training": run_training(variant, wildcards.seed),
+        "lora": variant["lora"],
+    }
+
+
 def comparison_plots():
     """{name: {"variants": [...], "title": ...}}: the config's comparisons plus all variants."""
     plots = {"all_variants": {"variants": list(VARIANTS), "title": "All variants"}}
@@ -95,3 +161,7 @@ def comparison_plots():
             "title": comparison.get("title") or " vs ".join(comparison["variants"]),
         }
     return plots
+
+
+def get_plot_variants(wildcards):
+    return comparison_plots()[wildcards.name]["variants"]

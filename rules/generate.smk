@@ -21,21 +21,22 @@ rule generate_before:
         "../scripts/generate.py"
 
 
+# The report shows the "after" samples of each variant's first seed (after_samples).
 rule generate_after:
     input:
-        model=lambda w: model_files(VARIANTS[w.variant]["model"]),
-        adapter="results/variants/{variant}/adapter",
+        model=lambda w: model_files(get_variant_model(w)),
+        adapter="results/variants/{variant}/seed-{seed}/adapter",
     output:
-        "results/variants/{variant}/samples_after.json",
+        "results/variants/{variant}/seed-{seed}/samples_after.json",
     log:
-        "results/logs/generate/after_{variant}.log",
+        "results/logs/generate/after_{variant}_seed-{seed}.log",
     conda:
         "../envs/loranotes.yaml"
     threads: 2
     params:
-        model_name=lambda w: VARIANTS[w.variant]["model"],
-        model=lambda w: MODELS[VARIANTS[w.variant]["model"]],
-        model_path=lambda w: model_path(VARIANTS[w.variant]["model"]),
+        model_name=get_variant_model,
+        model=lambda w: MODELS[get_variant_model(w)],
+        model_path=lambda w: model_path(get_variant_model(w)),
         quantization=lambda w: VARIANTS[w.variant]["quantization"],
         prompts=CONFIG["prompts"],
         generation=CONFIG["generation"],

@@ -1,35 +1,68 @@
 rule collect_metrics:
     input:
-        metrics=expand("results/variants/{variant}/metrics.json", variant=VARIANTS),
+        metrics=run_files("metrics.json"),
     output:
-        "results/metrics.csv",
+        report(
+            "results/metrics.csv",
+            caption="../report/metrics.rst",
+            category="Numbers",
+        ),
     log:
         "results/logs/collect_metrics.log",
     conda:
         "../envs/loranotes.yaml"
     params:
-        variants=list(VARIANTS.values()),
+        runs=[{"variant": VARIANTS[v], "seed": seed} for v, seed in runs()],
     script:
         "../scripts/collect_metrics.py"
 
 
+# Mean and spread over seeds per variant, and every comparison with its confidence interval.
+rule compare_variants:
+    input:
+        metrics="results/metrics.csv",
+    output:
+        summary=report(
+            "results/summary.csv",
+            caption="../report/summary.rst",
+            category="Numbers",
+        ),
+        comparisons=report(
+            "results/comparisons.csv",
+            caption="../report/comparisons.rst",
+            category="Numbers",
+        ),
+    log:
+        "results/logs/compare_variants.log",
+    conda:
+        "../envs/loranotes.yaml"
+    params:
+        variants=list(VARIANTS),
+        comparisons=CONFIG["comparisons"],
+        parents={name: v["parent"] for name, v in VARIANTS.items()},
+    script:
+        "../scripts/compare_variants.py"
+
+
 rule plot_comparison:
     input:
-        logs=lambda w: expand(
-            "results/variants/{variant}/train_log.csv",
-            variant=comparison_plots()[w.name]["variants"],
-        ),
+        logs=lambda w: run_files("train_log.csv", get_plot_variants(w)),
+        metrics=lambda w: run_files("metrics.json", get_plot_variants(w)),
     output:
-        "results/plots/{name}.png",
+        report(
+            "results/plots/{name}.png",
+            caption="../report/plot.rst",
+            category="Curves",
+        ),
     log:
         "results/logs/plot/{name}.log",
     conda:
         "../envs/loranotes.yaml"
     params:
-        names=lambda w: comparison_plots()[w.name]["variants"],
-        titles=lambda w: [
-            VARIANTS[v]["title"] for v in comparison_plots()[w.name]["variants"]
-        ],
+        runs=lambda w: runs(get_plot_variants(w)),
+        titles=lambda w: {v: VARIANTS[v]["title"] for v in get_plot_variants(w)},
+        # one colour per variant in every plot: its place in the config
+        colors=lambda w: {v: list(VARIANTS).index(v) for v in get_plot_variants(w)},
         title=lambda w: comparison_plots()[w.name]["title"],
     script:
         "../scripts/plot_loss.py"
@@ -39,13 +72,19 @@ rule report:
     input:
         template="report/report.md.j2",
         metrics="results/metrics.csv",
+        summary="results/summary.csv",
+        comparisons="results/comparisons.csv",
         data_stats="results/data/stats.json",
         token_stats=[tokenized_files(v)["stats"] for v in VARIANTS],
         before=[before_samples(v) for v in VARIANTS],
-        after=expand("results/variants/{variant}/samples_after.json", variant=VARIANTS),
+        after=[after_samples(v) for v in VARIANTS],
         plots=expand("results/plots/{name}.png", name=comparison_plots()),
     output:
-        "results/report.md",
+        report(
+            "results/report.md",
+            caption="../report/report.rst",
+            category="Lab notes",
+        ),
     log:
         "results/logs/report.log",
     conda:

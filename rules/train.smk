@@ -1,27 +1,22 @@
+# One job per (variant, seed): adding a seed to training.seeds runs only that seed's job.
 rule train:
     input:
-        unpack(lambda w: tokenized_files(w.variant)),
-        model=lambda w: model_files(VARIANTS[w.variant]["model"]),
+        unpack(get_train_input),
     output:
-        adapter=directory("results/variants/{variant}/adapter"),
-        steps="results/variants/{variant}/train_log.csv",
-        metrics="results/variants/{variant}/metrics.json",
+        adapter=directory("results/variants/{variant}/seed-{seed}/adapter"),
+        steps="results/variants/{variant}/seed-{seed}/train_log.csv",
+        metrics="results/variants/{variant}/seed-{seed}/metrics.json",
     log:
-        "results/logs/train/{variant}.log",
+        "results/logs/train/{variant}/seed-{seed}.log",
     conda:
         "../envs/loranotes.yaml"
     threads: 2
     params:
-        # Every setting that shapes the run is a param, so changing one reruns this variant only.
-        variant=lambda w: {
-            key: VARIANTS[w.variant][key]
-            for key in ("model", "quantization", "training", "lora")
-        },
-        model_path=lambda w: model_path(VARIANTS[w.variant]["model"]),
-        trust_remote_code=lambda w: MODELS[VARIANTS[w.variant]["model"]][
-            "trust_remote_code"
-        ],
+        # Every setting that shapes the run is a param, so changing one reruns this run only.
+        variant=get_run_settings,
+        model_path=lambda w: model_path(get_variant_model(w)),
+        trust_remote_code=lambda w: MODELS[get_variant_model(w)]["trust_remote_code"],
         # Not an output: Snakemake deletes a failed job's outputs, and a rerun resumes from here.
-        checkpoints="results/checkpoints/{variant}",
+        checkpoints="results/checkpoints/{variant}/seed-{seed}",
     script:
         "../scripts/train.py"

@@ -1,40 +1,63 @@
-"""Collect every variant's metrics.json into results/metrics.csv, one row per variant."""
+"""Collect every run's metrics.json into results/metrics.csv: one row per (variant, seed), in
+config order, with the run's settings first and its provenance flattened into
+`provenance.<key>` columns. Every key a run wrote becomes a column: nothing is dropped."""
 
 import json
+import logging
 
 import pandas as pd
 
-COLUMNS = [
-    "variant", "title", "model", "quantization", "lora_r", "lora_targets", "steps",
-    "final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss_after",
-    "token_accuracy", "train_seconds", "median_s_per_step", "tokens_per_s", "peak_memory_gb",
-    "peak_reserved_gb", "memory_kind", "trainable_params", "total_params", "device",
-    "random_init", "mfu", "bf16_matmul_tflops", "gradient_checkpointing_layers", "decoder_layers",
-    "activations_kept", "compiled", "fused_loss", "fused_kernels", "varlen_attention",
-]
+from errors import configure_logging, entry_point
+
+log = logging.getLogger("loranotes.collect_metrics")
+
+SETTINGS_COLUMNS = ["variant", "seed", "title", "model", "quantization", "lora_r", "lora_targets"]
 
 
-def collect(variants, metrics_paths):
-    """variants: resolved variant dicts in config order; metrics_paths: their metrics.json."""
+def flatten(metrics):
+    """metrics.json as one CSV row: nested records (provenance) become prefixed columns."""
+    row = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            for inner, inner_value in flatten(value).items():
+                row[f"{key}.{inner}"] = inner_value
+        elif isinstance(value, list):
+            row[key] = json.dumps(value)
+        else:
+            row[key] = value
+    return row
+
+
+def collect(runs, metrics_paths):
+    """runs: [{"variant": resolved variant, "seed": N}] in config order; metrics_paths: their
+    metrics.json files, in the same order."""
     rows = []
-    for variant, path in zip(variants, metrics_paths):
-        with open(path) as f:
+    for run, path in zip(runs, metrics_paths, strict=True):
+        variant = run["variant"]
+        with open(path, encoding="utf-8") as f:
             metrics = json.load(f)
         rows.append({
             "variant": variant["name"],
+            "seed": run["seed"],
             "title": variant["title"],
             "model": variant["model"],
             "quantization": variant["quantization"],
             "lora_r": variant["lora"]["r"],
             "lora_targets": ",".join(variant["lora"]["target_modules"]),
-            **metrics,
+            **flatten(metrics),
         })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    columns = list(SETTINGS_COLUMNS)
+    for row in rows:  # every key any run wrote, in the order written
+        columns += [key for key in row if key not in columns]
+    return pd.DataFrame(rows, columns=columns)
 
 
+@entry_point
 def main(snakemake):
-    frame = collect(snakemake.params.variants, snakemake.input.metrics)
+    configure_logging(snakemake)
+    frame = collect(snakemake.params.runs, snakemake.input.metrics)
     frame.to_csv(snakemake.output[0], index=False)
+    log.info("%d runs of %d variants -> %s", len(frame), frame["variant"].nunique(), snakemake.output[0])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ TRAINING_DEFAULTS = {
     "max_grad_norm": 1.0,
     "max_length": 1024,
     "eval_batch_size": 8,
+    "eval_every": 20,
     "gradient_checkpointing": "auto",
     "memory_budget_gb": None,
     "packing": True,
@@ -34,9 +35,12 @@ TRAINING_DEFAULTS = {
     "fused_kernels": "auto",
     "compile": True,
     "device": "auto",
-    "seed": 0,
+    "seed": 0,  # one run's seed; a variant's runs are set by training.seeds (see run_training)
     "checkpoint_every": 50,
 }
+# A variant trains once per seed; `training.seed: N` is shorthand for `training.seeds: [N]`.
+DEFAULT_SEEDS = [0]
+SEED_KEYS = ("seed", "seeds")
 LORA_DEFAULTS = {
     "r": 1,
     "alpha": 2,
@@ -136,13 +140,15 @@ def resolve_config(config, source="config.yaml"):
     """Return a new config with every default filled in and `variants` fully resolved.
 
     Each resolved variant carries: name, title, description, parent (or None), model,
-    quantization, training, lora (complete dicts) and `changes`, the settings that differ from
-    the parent as {"key": "training.lr", "from": old, "to": new}.
+    quantization, seeds (its runs; `training` holds no seed, see run_training), training, lora
+    (complete dicts) and `changes`, the settings that differ from the parent as
+    {"key": "training.lr", "from": old, "to": new}.
     """
     config = copy.deepcopy(config)
     config["dataset"] = {**DATASET_DEFAULTS, **config["dataset"]}
     config["generation"] = {**GENERATION_DEFAULTS, **config.get("generation", {})}
-    config["training"] = {**TRAINING_DEFAULTS, **config.get("training", {})}
+    config["seeds"] = seeds_of(config.get("training", {}), DEFAULT_SEEDS, f"{source}: training")
+    config["training"] = without_seeds({**TRAINING_DEFAULTS, **config.get("training", {})})
     config["lora"] = {**LORA_DEFAULTS, **config.get("lora", {})}
     config.setdefault("weights", "pretrained")
     config.setdefault("comparisons", [])
@@ -177,17 +183,13 @@ def resolve_variants(config, source="config.yaml"):
                     "Break it: one of these variants must set its settings without `from:`."
                 )
             parent = resolve(parent_name, path)
-            base = {
-                "model": parent["model"],
-                "quantization": parent["quantization"],
-                "training": parent["training"],
-                "lora": parent["lora"],
-            }
+            base = {key: parent[key] for key in ("model", "quantization", "seeds", "training", "lora")}
         else:
             parent = None
             base = {
                 "model": None,
                 "quantization": "none",
+                "seeds": config["seeds"],
                 "training": config["training"],
                 "lora": config["lora"],
             }
@@ -198,7 +200,9 @@ def resolve_variants(config, source="config.yaml"):
             "parent": parent_name,
             "model": spec.get("model", base["model"]),
             "quantization": spec.get("quantization", base["quantization"]),
-            "training": {**base["training"], **spec.get("training", {})},
+            "seeds": seeds_of(spec.get("training", {}), base["seeds"],
+                              f"{source}: variants.{name}.training"),
+            "training": without_seeds({**base["training"], **spec.get("training", {})}),
             "lora": {**base["lora"], **spec.get("lora", {})},
         }
         if variant["model"] is None:
@@ -226,9 +230,33 @@ def resolve_variants(config, source="config.yaml"):
     return {name: resolved[name] for name in declared}
 
 
+def seeds_of(training, inherited, where):
+    """The training seeds one level of the config sets (`seeds: [...]`, or `seed: N` for [N]),
+    else the inherited ones. Each seed is one run: its own LoRA initialisation, data order and
+    dropout masks (the train/eval split stays fixed by dataset.seed)."""
+    if all(key in training for key in SEED_KEYS):
+        raise ConfigError(f"{where}: both seed and seeds are set; keep one (seed: N is short for "
+                          "seeds: [N])")
+    if "seeds" in training:
+        return list(training["seeds"])
+    if "seed" in training:
+        return [training["seed"]]
+    return list(inherited)
+
+
+def without_seeds(training):
+    return {key: value for key, value in training.items() if key not in SEED_KEYS}
+
+
+def run_training(variant, seed):
+    """The training settings of one run of a variant: the variant's, with this seed."""
+    return {**variant["training"], "seed": int(seed)}
+
+
 def flatten_settings(variant):
     """The settings that define a training run, as flat 'training.lr'-style keys."""
     flat = {key: variant[key] for key in INHERITED_KEYS}
+    flat["training.seeds"] = variant["seeds"]
     for section in ("training", "lora"):
         for key, value in variant[section].items():
             flat[f"{section}.{key}"] = value

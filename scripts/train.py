@@ -12,6 +12,7 @@ the per-step records) goes to results/checkpoints/<variant>/step-N; a rerun afte
 """
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from chat_format import IGNORE_INDEX
 from errors import LoranotesError, configure_logging, entry_point
+from provenance import run_provenance
 from model_sources import lora_layer_names_of, target_modules_problem
 from speedups import (
     apply_fused_kernels,
@@ -480,7 +482,8 @@ def summarize(steps, eval_before, eval_after, device_metrics, params):
 
 
 def train(model_path, quantization, train_path, eval_path, training, lora, out_dir,
-          trust_remote_code=False, checkpoint_dir=None):
+          trust_remote_code=False, checkpoint_dir=None, provenance=None):
+    """Train one run; `provenance` (provenance.run_provenance) goes into its metrics.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(training["seed"])
@@ -611,6 +614,8 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
         "flops_per_token": flops_per_token(model),
     }
     metrics = summarize(steps, eval_before, eval_after, train_memory, params)
+    if provenance:
+        metrics["provenance"] = provenance
     # metrics.json comes last and whole (written, then renamed): it exists only for a finished run.
     partial_metrics = out_dir / "metrics.json.partial"
     partial_metrics.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -627,6 +632,7 @@ def main(snakemake):
     configure_logging(snakemake)
     torch.set_num_threads(snakemake.threads)
     variant = snakemake.params.variant
+    started = datetime.datetime.now(datetime.timezone.utc)
     train(
         model_path=snakemake.params.model_path,
         quantization=variant["quantization"],
@@ -637,6 +643,7 @@ def main(snakemake):
         out_dir=Path(snakemake.output.metrics).parent,
         trust_remote_code=snakemake.params.trust_remote_code,
         checkpoint_dir=snakemake.params.checkpoints,
+        provenance=run_provenance(pick_device(variant["training"]["device"]), variant, started),
     )
 
 

@@ -7,9 +7,10 @@ import pytest
 import yaml
 
 from conftest import REPO, copy_workflow, run_snakemake
-from experiment_config import ConfigError, resolve_config
+from experiment_config import ConfigError, resolve_config, run_training
 
 SCHEMA = yaml.safe_load((REPO / "schemas" / "config.schema.yaml").read_text())
+SCHEMA_PATH = REPO / "schemas" / "config.schema.yaml"
 
 
 def base_config():
@@ -87,9 +88,11 @@ def schema_defaults(properties):
 
 def test_defaults_fill_every_setting_the_schema_documents():
     config = resolve_config(base_config())
-    # Every training and lora key is set for every variant, so runs are fully specified.
+    # Every training and lora key is set for every variant, so runs are fully specified; the
+    # seeds are the variant's runs, each run's training gets its own seed (run_training).
     for variant in config["variants"].values():
-        assert set(variant["training"]) == set(SCHEMA["$defs"]["training"]["properties"])
+        assert variant["seeds"] == [0]
+        assert set(run_training(variant, 0)) | {"seeds"} == set(SCHEMA["$defs"]["training"]["properties"])
         assert set(variant["lora"]) == set(SCHEMA["$defs"]["lora"]["properties"])
     # The defaults the schema documents are the ones applied.
     properties = SCHEMA["properties"]
@@ -220,3 +223,43 @@ def test_a_token_budget_needs_packed_batches():
         resolve_config(config, "exp.yaml")
     config["variants"]["v3"]["training"]["packing"] = True
     assert resolve_config(config, "exp.yaml")["variants"]["v3"]["training"]["batch_tokens"] == 4096
+
+
+def with_training(config, where, **training):
+    section = config["variants"][where] if where else config
+    section.setdefault("training", {}).update(training)
+    return config
+
+
+def test_seeds_are_a_list_with_seed_as_its_one_run_shorthand_and_variants_override_either():
+    config = with_training(base_config(), None, seeds=[0, 1, 2])
+    with_training(config, "v2", seed=7)          # one run, seed 7
+    with_training(config, "v1", seeds=[3, 1])   # inherited by v2 (overridden), v3 and v4
+    resolved = resolve_config(config)["variants"]
+    assert resolved["v1"]["seeds"] == [3, 1] == resolved["v4"]["seeds"]
+    assert resolved["v2"]["seeds"] == [7] == resolved["v3"]["seeds"]  # v3 is from v2
+    assert {"key": "training.seeds", "from": [3, 1], "to": [7]} in resolved["v2"]["changes"]
+    config = with_training(base_config(), None, seeds=[0, 1, 2])
+    assert resolve_config(config)["variants"]["v3"]["seeds"] == [0, 1, 2]  # the top level's
+    # A run's settings hold its own seed and nothing of the other runs: adding a seed to the
+    # list leaves the existing runs' settings (the train jobs' params) as they were.
+    resolved = resolve_config(config)["variants"]
+    assert run_training(resolved["v1"], 2) == {**resolved["v1"]["training"], "seed": 2}
+    more = resolve_config(with_training(copy.deepcopy(config), None, seeds=[0, 1, 2, 3]))
+    assert run_training(more["variants"]["v1"], 1) == run_training(resolved["v1"], 1)
+
+
+def test_seed_and_seeds_together_is_an_error_naming_the_key():
+    message = resolve_error(lambda c: with_training(c, "v2", seed=1, seeds=[1, 2]))
+    assert "variants.v2.training: both seed and seeds are set" in message
+
+
+def test_seeds_must_be_distinct_non_negative_integers():
+    from experiment_config import validate_config
+
+    for seeds, expected in (([], "training.seeds"), ([1, 1], "training.seeds"),
+                            ([-1], "training.seeds[0]"), (["0"], "training.seeds[0]")):
+        config = with_training(base_config(), None, seeds=seeds)
+        with pytest.raises(ConfigError) as error:
+            validate_config(config, SCHEMA_PATH, "exp.yaml")
+        assert f"exp.yaml: {expected}" in str(error.value), (seeds, str(error.value))

@@ -72,7 +72,7 @@ def tiny_config():
     config["dataset"].update(source="dirty.jsonl", num_train=24, num_eval=8, bundled_size=40)
     config["prompts"] = config["prompts"][:1]
     config["generation"] = {"max_new_tokens": 4}
-    config["training"].update(steps=4, max_length=96, checkpoint_every=2)
+    config["training"].update(steps=4, max_length=96, checkpoint_every=2, seeds=[0, 1])
     del config["models"]["tiny-llama"]
     config["variants"] = {
         "v1": {"title": "baseline", "model": "tiny-qwen3", "quantization": "none"},
@@ -366,15 +366,24 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 3. Rerun only what changed
 
-V2_RUN = {
-    "results/variants/v2/adapter", "results/variants/v2/train_log.csv",
-    "results/variants/v2/metrics.json", "results/variants/v2/samples_after.json",
-}
-AGGREGATES = {"results/metrics.csv", "results/plots/all_variants.png", "results/report.md"}
-GENERATION = {
-    "results/samples/before/tiny-qwen3__none.json",
-    "results/variants/v1/samples_after.json", "results/variants/v2/samples_after.json",
-}
+def run_files(variant, seeds, files=("adapter", "train_log.csv", "metrics.json")):
+    return {f"results/variants/{variant}/seed-{seed}/{file}" for seed in seeds for file in files}
+
+
+def samples_after(*variants, seed=0):
+    return {f"results/variants/{variant}/seed-{seed}/samples_after.json" for variant in variants}
+
+
+V2_RUN = run_files("v2", (0, 1)) | samples_after("v2")
+AGGREGATES = {"results/metrics.csv", "results/summary.csv", "results/comparisons.csv",
+              "results/plots/all_variants.png", "results/report.md"}
+GENERATION = {"results/samples/before/tiny-qwen3__none.json"} | samples_after("v1", "v2")
+
+
+def set_seeds(seeds):
+    return lambda config: config["training"].update(seeds=seeds)
+
+
 CHANGES = {
     "nothing": (lambda c: None, set()),
     "v2 training": (lambda c: c["variants"]["v2"]["training"].update(lr=3.0e-2),
@@ -387,6 +396,11 @@ CHANGES = {
     "prompts": (lambda c: c["prompts"].append("Say hello."), GENERATION | {"results/report.md"}),
     "generation": (lambda c: c["generation"].update(max_new_tokens=5),
                    GENERATION | {"results/report.md"}),
+    # a new seed trains only its own runs; the others' settings (their params) are unchanged
+    "a seed added": (set_seeds([0, 1, 2]), run_files("v1", (2,)) | run_files("v2", (2,)) | AGGREGATES),
+    "a seed removed": (set_seeds([0]), AGGREGATES),
+    # the "after" samples are the first seed's: without seed 0, seed 1 answers the prompts
+    "the first seed removed": (set_seeds([1]), AGGREGATES | samples_after("v1", "v2", seed=1)),
 }
 
 

@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 import yaml
 
+import render_report
+
 from conftest import run_snakemake
-from util import PNG_MAGIC, assert_stats_table_matches, fence_contents, images
+from util import PNG_MAGIC, assert_stats_table_matches, fence_contents, images, stats_table
 from experiment_config import resolve_config
 
 STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens",
-                "attention_flops", "peak_memory_gb"]
+                "attention_flops", "peak_memory_gb", "eval_loss", "eval_accuracy"]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +34,24 @@ def metrics(results):
 
 
 @pytest.fixture(scope="module")
+def summary(results):
+    return pd.read_csv(results / "summary.csv")
+
+
+def runs(config):
+    return [(name, seed) for name, v in config["variants"].items() for seed in v["seeds"]]
+
+
+@pytest.fixture(scope="module")
 def report(results):
     return (results / "report.md").read_text(encoding="utf-8")
 
 
-def test_metrics_csv_has_each_variants_metrics_in_config_order(config, results, metrics):
-    assert list(metrics["variant"]) == list(config["variants"])
+def test_metrics_csv_has_each_runs_metrics_in_config_order(config, results, metrics):
+    assert len(runs(config)) == 9  # the default: 3 variants x 3 seeds
+    assert list(zip(metrics["variant"], metrics["seed"])) == runs(config)
     for row in metrics.to_dict("records"):
-        path = results / "variants" / row["variant"] / "metrics.json"
+        path = results / "variants" / row["variant"] / f"seed-{row['seed']}" / "metrics.json"
         shared = {k: v for k, v in json.loads(path.read_text()).items() if k in row}
         assert {"eval_loss_before", "eval_loss_after", "final_train_loss"} <= set(shared)
         for key, value in shared.items():
@@ -50,8 +62,27 @@ def test_metrics_csv_has_each_variants_metrics_in_config_order(config, results, 
                 assert row[key] == expected, (row["variant"], key)
 
 
-def test_report_table_shows_the_metrics_csv(report, metrics):
-    assert_stats_table_matches(report, metrics)
+def test_report_table_shows_the_summary_of_the_seeds(report, summary, metrics):
+    assert_stats_table_matches(report, summary, metrics)
+    assert all(" ± " in row["Eval loss before → after"] for row in stats_table(report))
+
+
+def test_report_concludes_every_comparison_with_an_interval(config, results, report):
+    comparisons = pd.read_csv(results / "comparisons.csv")
+    pairs = {("v2", "v1"), ("v3", "v1")}  # the configured comparisons, also each one's parent
+    assert set(zip(comparisons["a"], comparisons["b"])) == pairs
+    assert (comparisons["test"] == "paired t-test").all() and comparisons["ci_low"].notna().all()
+    for line in comparisons["verdict"]:
+        assert line in report
+
+
+def test_report_records_provenance(metrics, report):
+    assert metrics["provenance.packages.torch"].notna().all()
+    assert metrics["provenance.command"].str.contains("snakemake").all()
+    assert metrics["provenance.config_files"].str.contains("config.yaml").all()
+    provenance = report.split("\n## Provenance\n")[1]
+    assert "not a git checkout" in provenance  # the test's copy of the workflow has no .git
+    assert f"torch {metrics['provenance.packages.torch'][0]}" in provenance
 
 
 def test_fine_tuning_lowers_eval_loss_for_every_variant(metrics):
@@ -74,24 +105,29 @@ def test_before_samples_are_shared_per_model_and_quantization(config, results, r
     fences = fence_contents(report)
     for name, variant in config["variants"].items():
         base = results / "samples" / "before" / f"{variant['model']}__{variant['quantization']}.json"
-        after = results / "variants" / name / "samples_after.json"
+        after = results / "variants" / name / f"seed-{variant['seeds'][0]}" / "samples_after.json"
         for path in (base, after):
             completions = [s["completion"] for s in json.loads(path.read_text())["samples"]]
             assert len(completions) == len(config["prompts"])
             for completion in completions:
-                assert completion + "\n" in fences, (name, path.name)
+                assert render_report.shown_sample(completion) + "\n" in fences, (name, path.name)
 
 
-def test_each_variant_saves_its_adapter_and_step_log(config, results):
-    for name, variant in config["variants"].items():
-        directory = results / "variants" / name
+def test_each_run_saves_its_adapter_and_step_log(config, results):
+    for name, seed in runs(config):
+        variant = config["variants"][name]
+        directory = results / "variants" / name / f"seed-{seed}"
         assert (directory / "adapter" / "adapter_model.safetensors").stat().st_size > 0
         adapter_config = json.loads((directory / "adapter" / "adapter_config.json").read_text())
         assert adapter_config["r"] == variant["lora"]["r"]
         steps = pd.read_csv(directory / "train_log.csv")
         assert list(steps.columns) == STEP_COLUMNS
         assert list(steps["step"]) == list(range(1, variant["training"]["steps"] + 1))
-        assert steps.notna().all().all() and (steps["loss"] > 0).all() and (steps["tokens"] > 0).all()
+        trained = steps.drop(columns=["eval_loss", "eval_accuracy"])
+        assert trained.notna().all().all() and (steps["loss"] > 0).all() and (steps["tokens"] > 0).all()
+        every = variant["training"]["eval_every"]
+        evaluated = steps.dropna(subset=["eval_loss"])["step"].tolist()
+        assert evaluated == sorted({*range(every, len(steps) + 1, every), len(steps)})
 
 
 def test_data_is_tokenized_once_per_model(config, results):
@@ -116,3 +152,13 @@ def test_report_says_which_prompt_format_each_variant_used(config, results, repo
 def test_a_finished_run_has_nothing_left_to_do(default_run):
     result = run_snakemake(default_run, "-n", "results/report.md")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_snakemakes_html_report_holds_the_plots_and_the_notes(default_run, config):
+    run_snakemake(default_run, "--report", "results/report.html")
+    html = (default_run / "results" / "report.html").read_text(encoding="utf-8")
+    for name in ["all_variants", *(c["name"] for c in config["comparisons"])]:
+        assert f"{name}.png" in html
+    for name in ("report.md", "metrics.csv", "summary.csv", "comparisons.csv"):
+        assert name in html
+    assert "Lab notes" in html and "data:image/png;base64" in html

@@ -35,18 +35,27 @@ def fake_snakemake(input=None, output=None, params=None, log=None, threads=1):
     )
 
 
-def fake_metrics(index, **overrides):
-    """What train.py writes to metrics.json, with values distinct per variant."""
+def fake_metrics(index, seed=0, **overrides):
+    """What train.py writes to metrics.json, with values distinct per variant (index) and,
+    a little, per seed."""
+    jitter = seed / 1000
     return {
         "steps": 10 + index,
-        "final_train_loss": 2.5 - index / 7,
+        "final_train_loss": 2.5 - index / 7 + jitter,
+        "final_train_loss_se": 0.01,
         "last_step_loss": 2.4 - index / 9,
         "token_accuracy": 0.3 + index / 11,
         "eval_loss_before": 3.0 + index / 13,
-        "eval_loss_after": 2.0 + index / 17,
+        "eval_loss_after": 2.0 + index / 17 + (3 + index) * jitter,
+        "eval_loss_after_se": 0.02,
         "eval_accuracy_before": 0.1,
-        "eval_accuracy_after": 0.2,
-        "median_s_per_step": 0.25 * (index + 1),
+        "eval_accuracy_after": 0.2 + index / 50 - jitter,
+        "eval_conversations": 5,
+        "eval_target_tokens": 400,
+        "train_conversations": 20,
+        "train_examples_seen": 48,
+        "median_s_per_step": 0.25 * (index + 1) + jitter,
+        "median_s_per_step_se": 0.001,
         "tokens_per_s": 1234.5 * (index + 1),
         "train_seconds": 3.75 * (index + 1),
         "train_tokens": 5000,
@@ -67,6 +76,16 @@ def fake_metrics(index, **overrides):
         "fused_loss": index == 1,
         "fused_kernels": False,
         "varlen_attention": False,
+        "provenance": {
+            "git_commit": "0123456789abcdef0123456789abcdef01234567", "git_dirty": False,
+            "code_sha256": "c0de" * 16,
+            "config_files": [{"path": "/work/exp/config.yaml", "sha256": "cf" * 32}],
+            "settings": {"model": "tiny", "quantization": "nf4", "training": {"seed": seed}},
+            "packages": {"python": "3.11.7", "torch": "2.13.0", "transformers": "5.24.0"},
+            "device": "x86_64", "cuda": None, "driver": None, "host": "node1",
+            "started_utc": f"2026-12-01T10:0{index}:0{seed}+00:00",
+            "command": "snakemake --cores 1 results/report.md",
+        },
         **overrides,
     }
 
@@ -146,34 +165,60 @@ def assert_shown(text, expected, what):
     assert abs(value - float(expected)) <= tolerance, f"{what}: report shows {text}, CSV has {expected}"
 
 
-# Stats table column -> metrics.csv column, for the cells that hold one number.
+# Stats table column -> summary.csv metric, for the cells that hold one number (± spread).
 NUMBER_COLUMNS = {
-    "Loss": "final_train_loss",
-    "Token acc.": "token_accuracy",
-    "Runtime (s)": "train_seconds",
+    "Train loss": "final_train_loss",
+    "Held-out acc.": "eval_accuracy_after",
     "s/step": "median_s_per_step",
     "Tokens/s": "tokens_per_s",
     "MFU": "mfu",
-    "Trainable params": "trainable_params",
 }
 
 
-def assert_stats_table_matches(report_text, metrics):
-    """The stats table has one row per metrics.csv row, in order, showing the same values."""
+def decimals(text):
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def assert_noisy_shown(text, summary, metric, what):
+    """A cell "mean ± sd" (several seeds) or "mean" (one) shows summary.csv's numbers, with
+    the sd printed to the same decimals as the mean."""
+    mean, sd = summary[f"{metric}_mean"], summary[f"{metric}_sd"]
+    scale = 100 if text.strip().endswith("%") else 1
+    text = text.strip().removesuffix("%")
+    if summary["n_seeds"] > 1:
+        shown_mean, shown_sd = text.split(" ± ")
+        assert decimals(shown_mean) == decimals(shown_sd), f"{what}: {text}"
+        # the spread to 1-2 significant digits, and the mean to the same decimal place
+        assert len(shown_sd.replace(".", "").lstrip("0")) <= 2, f"{what}: {text}"
+        assert_shown(shown_sd, sd * scale, f"{what} sd")
+    else:
+        assert " ± " not in text, f"{what}: a spread shown for one seed: {text}"
+        shown_mean = text
+    assert_shown(shown_mean, None if mean is None or (isinstance(mean, float) and math.isnan(mean))
+                 else mean * scale, f"{what} mean")
+
+
+def assert_stats_table_matches(report_text, summary, runs):
+    """The stats table has one row per summary.csv row, in order, showing its means and spreads;
+    the model, quantization and memory kind are the runs' (metrics.csv)."""
     table = stats_table(report_text)
-    records = metrics.to_dict("records")
-    assert [row["Variant"] for row in table] == [r["variant"] for r in records]
-    for row, record in zip(table, records):
+    summaries = summary.to_dict("records")
+    assert [row["Variant"] for row in table] == [r["variant"] for r in summaries]
+    for row, record in zip(table, summaries):
         name = record["variant"]
-        model = record["model"] + (" (random-init)" if record["random_init"] else "")
-        assert row["Model"] == model, name
-        assert row["Quantization"] == record["quantization"], name
-        for column, key in NUMBER_COLUMNS.items():
-            assert_shown(row[column], record[key], f"{name} {column}")
-        assert re.fullmatch(r"—|\d+\.\d%", row["MFU"]), f"{name} MFU: {row['MFU']}"
-        before, after = row["Eval loss (before → after)"].split(" → ")
-        assert_shown(before, record["eval_loss_before"], f"{name} eval loss before")
-        assert_shown(after, record["eval_loss_after"], f"{name} eval loss after")
-        memory, kind = re.fullmatch(r"(\S+) \((.+)\)", row["Peak memory (GB)"]).groups()
-        assert_shown(memory, record["peak_memory_gb"], f"{name} peak memory")
-        assert kind == record["memory_kind"], name
+        first = runs[runs["variant"] == name].iloc[0]
+        random_init = bool(runs[runs["variant"] == name]["random_init"].any())
+        assert row["Model"] == first["model"] + (" (random-init)" if random_init else ""), name
+        assert row["Quantization"] == first["quantization"], name
+        assert row["Seeds"] == str(record["n_seeds"]), name
+        for column, metric in NUMBER_COLUMNS.items():
+            if row[column] == "—":
+                assert math.isnan(record[f"{metric}_mean"]), (name, column)
+                continue
+            assert_noisy_shown(row[column].replace(",", ""), record, metric, f"{name} {column}")
+        before, after = row["Eval loss before → after"].split(" → ")
+        assert_shown(before, record["eval_loss_before_mean"], f"{name} eval loss before")
+        assert_noisy_shown(after, record, "eval_loss_after", f"{name} eval loss after")
+        memory, kind = re.fullmatch(r"(.+) \((.+)\)", row["Peak memory (GB)"]).groups()
+        assert_noisy_shown(memory, record, "peak_memory_gb", f"{name} peak memory")
+        assert kind == first["memory_kind"], name
