@@ -15,6 +15,7 @@ import yaml
 
 from errors import LoranotesError
 from model_sources import ModelError, lora_layer_names, local_model_problem, target_modules_problem
+from prepare_data import DataError, dataset_source
 
 TRAINING_DEFAULTS = {
     "steps": 100,
@@ -281,3 +282,11 @@ def check_models(config, source="config.yaml"):
         )
         if problem:
             raise ConfigError(f"{source}: variants.{name}.lora.target_modules: {problem}")
+
+
+def check_dataset(config, source="config.yaml"):
+    """dataset.source names something the data step can read (no hub lookup for a local path)."""
+    try:
+        dataset_source(config["dataset"]["source"], config["dataset"]["split"])
+    except DataError as error:
+        raise ConfigError(f"{source}: {error}") from None

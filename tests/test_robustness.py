@@ -61,7 +61,7 @@ SYSTEM_ROW = {"messages": [
     {"role": "assistant", "content": "A low-rank adapter trained on top of frozen weights."},
 ]}
 SKIP_REASONS = {
-    "invalid JSON", "neither schema (no 'messages' or 'data' list)", "unknown role 'bot'",
+    "invalid JSON", "no known schema (no 'messages', 'conversations' or 'data' list)", "unknown role 'bot'",
     "turns do not alternate user/assistant", "no assistant turn", "empty content",
 }
 
