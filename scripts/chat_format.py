@@ -263,7 +263,8 @@ class PromptFormat:
 
 def label_tokens(tokenizer, text, spans):
     """(input_ids, labels) of text: a token is labelled (with its own id) if it overlaps a span."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    # verbose=False: no "longer than the maximum sequence length" warning; truncation follows.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     input_ids = encoding["input_ids"]
     labels = [
         token if any(token_start < end and token_end > start for start, end in spans) else IGNORE_INDEX

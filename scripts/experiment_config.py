@@ -22,6 +22,7 @@ from model_sources import (
     ModelError,
     is_local,
     local_model_problem,
+    local_tokenizer_problem,
     lora_layer_names,
     target_modules_problem,
 )
@@ -283,7 +284,7 @@ def check_models(config, source="config.yaml"):
     known offline) and leave tied embeddings alone, and the prompts fit local models' context."""
     for name, model in config["models"].items():
         if "init" not in model and config["weights"] != "random":
-            problem = local_model_problem(model["path"])
+            problem = local_model_problem(model["path"]) or local_tokenizer_problem(model["path"])
             if problem:
                 raise ConfigError(f"{source}: models.{name}.path: {problem}")
         if model["prompt_format"] not in ("chat_template", "seed"):

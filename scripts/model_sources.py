@@ -47,7 +47,15 @@ def local_model_problem(path):
             f"{path} has no weights (*.safetensors or *.bin); copy the model's weight files "
             "there, or point path: at a complete model directory"
         )
-    if not any(any(directory.glob(pattern)) for pattern in TOKENIZER_PATTERNS):
+    return None
+
+
+def local_tokenizer_problem(path):
+    """What keeps a local model directory's tokenizer from loading, or None (also for hub ids).
+    Loading the model itself needs none, so this is a check of its own."""
+    if not is_local(path) or not Path(path).expanduser().is_dir():
+        return None
+    if not any(any(Path(path).expanduser().glob(pattern)) for pattern in TOKENIZER_PATTERNS):
         return (
             f"{path} has no tokenizer files ({', '.join(TOKENIZER_PATTERNS)}); copy the model's "
             "tokenizer files there (tokenizer.json, tokenizer_config.json, ...), or point path: "

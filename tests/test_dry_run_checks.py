@@ -34,12 +34,16 @@ def stories(shared_fixtures):
     return shared_fixtures / "stories260k"
 
 
+# stories260k without its tokenizer: transformers then builds an empty one from
+# tokenizer_config.json (3 tokens; generation fails with an IndexError).
+WITHOUT_TOKENIZER = ("config.json", "model.safetensors", "tokenizer_config.json")
+
+
 @pytest.fixture
 def untokenized_model(tmp_path, stories):
-    """stories260k's config and weights, without its tokenizer files."""
     directory = tmp_path / "untokenized"
     directory.mkdir()
-    for name in ("config.json", "model.safetensors"):
+    for name in WITHOUT_TOKENIZER:
         shutil.copy(stories / name, directory / name)
     return directory
 
@@ -156,7 +160,7 @@ def test_the_dry_run_stops_with_one_line(workflow_copy, shared_fixtures, mistake
     config = default_config()
     if mistake == "tokenizer":
         (workflow_copy / "untokenized").mkdir(exist_ok=True)
-        for name in ("config.json", "model.safetensors"):
+        for name in WITHOUT_TOKENIZER:
             shutil.copy(shared_fixtures / "stories260k" / name, workflow_copy / "untokenized" / name)
         config["models"]["tiny-qwen3"] = {"path": "./untokenized"}
         expected = "models.tiny-qwen3.path: ./untokenized has no tokenizer files"
