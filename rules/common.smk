@@ -14,7 +14,7 @@ from experiment_config import (
     resolve_config,
     validate_config,
 )  # noqa: E402
-from prepare_data import dataset_source  # noqa: E402
+from prepare_data import BUNDLED_SAMPLE, dataset_source  # noqa: E402
 
 CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"]))
 # Like snakemake.utils.validate, but each message names the file and key and says what to do.
