@@ -164,6 +164,7 @@ CONFIG_MISTAKES = {
 @pytest.fixture(scope="module")
 def workflow_copy(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("config_mistakes"))
+    (workdir / "dirty.jsonl").write_text("")  # the dry run checks that dataset.source exists
     (workdir / "empty-model").mkdir()
     (workdir / "empty-model" / "config.json").write_text('{"model_type": "qwen3"}')
     return workdir
