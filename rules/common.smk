@@ -12,11 +12,13 @@ min_version("9.0")
 sys.path.insert(0, str(Path(workflow.basedir) / "scripts"))
 from experiment_config import (
     ConfigError,
+    check_dataset,
     check_models,
     resolve_config,
     run_training,
     validate_config,
 )  # noqa: E402
+from prepare_data import BUNDLED_SAMPLE, dataset_source  # noqa: E402
 
 CONFIG_FILES = workflow.overwrite_configfiles or [
     Path(workflow.basedir) / "config.yaml"
@@ -28,6 +30,7 @@ try:
         config, Path(workflow.basedir) / "schemas" / "config.schema.yaml", CONFIG_SOURCE
     )
     CONFIG = resolve_config(config, CONFIG_SOURCE)
+    check_dataset(CONFIG, CONFIG_SOURCE)
     check_models(CONFIG, CONFIG_SOURCE)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
@@ -51,14 +54,10 @@ wildcard_constraints:
 
 
 def dataset_files():
-    """The data step's input: the bundled sample, or a local file (so that editing it reruns
-    the data step); a hub dataset is no file."""
-    source = CONFIG["dataset"]["source"]
-    if source == "bundled":
-        return {"bundled": "results/data/bundled_sample.jsonl"}
-    if source.endswith((".jsonl", ".json", ".parquet")):
-        return {"source": source}
-    return {}
+    """The data step's input: the local files it reads (the bundled sample, a file, a
+    directory's shards), so that editing one reruns it; a hub dataset is no file."""
+    dataset = CONFIG["dataset"]
+    return {"data": list(dataset_source(dataset["source"], dataset["split"]).files)}
 
 
 def is_built(model_name):

@@ -1,6 +1,6 @@
 rule bundled_sample:
     output:
-        "results/data/bundled_sample.jsonl",
+        BUNDLED_SAMPLE,
     log:
         "results/logs/bundled_sample.log",
     conda:

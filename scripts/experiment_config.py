@@ -4,17 +4,29 @@ comparisons naming unknown variants) turned into errors that name the key and sa
 
 The schema (schemas/config.schema.yaml) catches unknown keys and wrong types first, with a
 message that names the key and suggests the right one; then come the cross-references, and
-last the checks that look at the disk (local model weights, LoRA target modules). All of it
-runs when the Snakefile is parsed, so `snakemake -n` already fails on a bad config.
+last the checks that look at the disk (the dataset source, local model weights and tokenizers,
+init architectures, LoRA target modules and tied embeddings, prompt lengths). All of it runs
+when the Snakefile is parsed, so `snakemake -n` already fails on a bad config.
 """
 
 import copy
 import difflib
+import json
+from pathlib import Path
 
 import yaml
 
-from errors import LoranotesError
-from model_sources import ModelError, lora_layer_names, local_model_problem, target_modules_problem
+from chat_format import SEED_ASSISTANT, SEED_SYSTEM, SEED_USER, PromptFormat, template_problem
+from errors import LoranotesError, first_line
+from model_sources import (
+    ModelError,
+    is_local,
+    local_model_problem,
+    local_tokenizer_problem,
+    lora_layer_names,
+    target_modules_problem,
+)
+from prepare_data import DataError, dataset_source
 
 TRAINING_DEFAULTS = {
     "steps": 100,
@@ -50,6 +62,10 @@ LORA_DEFAULTS = {
 DATASET_DEFAULTS = {"split": "train_sft", "num_train": 800, "num_eval": 100, "seed": 0, "bundled_size": 400}
 GENERATION_DEFAULTS = {"max_new_tokens": 128}
 MODEL_DEFAULTS = {"prompt_format": "chat_template", "trust_remote_code": False}
+
+# The layers that hold the token embeddings (peft's EMBEDDING_LAYER_NAMES): LoRA on them makes
+# peft save the embedding matrices with the adapter.
+EMBEDDING_TARGETS = ("embed_tokens", "lm_head")
 
 # The settings a variant inherits from its parent, in the order the report lists changes.
 INHERITED_KEYS = ("model", "quantization")
@@ -290,22 +306,166 @@ def check_comparisons(config, source="config.yaml"):
 
 
 def check_models(config, source="config.yaml"):
-    """What needs a look at the disk: local model directories have weights, and every variant's
-    lora.target_modules exist in its model (where the architecture is known offline)."""
+    """What needs a look at the disk or at transformers: local model directories have weights
+    and tokenizer files, a Jinja prompt_format renders, init.architecture is one transformers
+    knows, every variant's lora.target_modules exist in its model (where the architecture is
+    known offline) and leave tied embeddings alone, and the prompts fit local models' context."""
     for name, model in config["models"].items():
         if "init" not in model and config["weights"] != "random":
-            problem = local_model_problem(model["path"])
+            problem = local_model_problem(model["path"]) or local_tokenizer_problem(model["path"])
             if problem:
                 raise ConfigError(f"{source}: models.{name}.path: {problem}")
+        if model["prompt_format"] not in ("chat_template", "seed"):
+            problem = template_problem(model["prompt_format"])
+            if problem:
+                raise ConfigError(f"{source}: models.{name}.prompt_format: read as a Jinja chat "
+                                  f"template, it fails: {problem}")
     for name, variant in config["variants"].items():
+        model = config["models"][variant["model"]]
         try:
-            layer_names = lora_layer_names(config["models"][variant["model"]], config["weights"])
+            layer_names = lora_layer_names(model, config["weights"])
         except ModelError as error:
             raise ConfigError(f"{source}: models.{variant['model']}: {error}") from None
-        if layer_names is None:
-            continue
-        problem = target_modules_problem(
-            variant["lora"]["target_modules"], layer_names, f"model {variant['model']}"
-        )
+        except ValueError as error:  # transformers' 12 KB "Unrecognized model identifier: ..."
+            if "init" not in model:
+                raise
+            raise ConfigError(f"{source}: {init_problem(variant['model'], model['init'], error)}") from None
+        targets, problem = variant["lora"]["target_modules"], None
+        if layer_names is not None:
+            problem = target_modules_problem(targets, layer_names, f"model {variant['model']}")
+        problem = problem or tied_embedding_problem(targets, model, variant["model"])
         if problem:
             raise ConfigError(f"{source}: variants.{name}.lora.target_modules: {problem}")
+    check_prompt_lengths(config, source)
+
+
+def check_dataset(config, source="config.yaml"):
+    """dataset.source names something the data step can read (no hub lookup for a local path)."""
+    try:
+        dataset_source(config["dataset"]["source"], config["dataset"]["split"])
+    except DataError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def init_problem(model_name, init, error):
+    """One line for an `init:` that transformers cannot build: an unknown architecture (with
+    the known ones), else the first line of its error."""
+    from transformers import __version__
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architecture = init.get("architecture")
+    known = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if architecture in known:
+        return f"models.{model_name}.init: transformers cannot build it ({first_line(error)})"
+    match = difflib.get_close_matches(str(architecture), known, n=1)
+    suggestion = f" (did you mean {match[0]}?)" if match else ""
+    return (f"models.{model_name}.init.architecture: {architecture!r} is not a causal-LM "
+            f"architecture of transformers {__version__}{suggestion}; known: {', '.join(known)}")
+
+
+def offline_model_config(model):
+    """The model's transformers config where it is known without a download, else None."""
+    from transformers import AutoConfig
+
+    from build_model import architecture_spec
+
+    try:  # as capacity planning builds it: init, a local config.json, or a known hub model
+        spec = architecture_spec(model, "random")
+    except ValueError:
+        return None
+    return AutoConfig.for_model(spec.pop("architecture"), **spec).get_text_config()
+
+
+def tied_embedding_problem(target_modules, model, model_name):
+    """LoRA on lm_head or embed_tokens of a model whose two share one matrix: peft then saves
+    the whole matrix with the adapter, and merging the adapter (as generation does for
+    quantization: none) changes the input embeddings too, so the merged model is not the one
+    trained. None when neither is targeted, the weights are not tied, or that is not known."""
+    targeted = [target for target in target_modules if target in EMBEDDING_TARGETS]
+    if not targeted:
+        return None
+    config = offline_model_config(model)
+    if config is None or not config.tie_word_embeddings:
+        return None
+    size = config.vocab_size * config.hidden_size
+    return (
+        f"{', '.join(targeted)}: model {model_name} ties lm_head to embed_tokens "
+        f"(tie_word_embeddings), so peft saves the whole embedding matrix with the adapter, "
+        f"{config.vocab_size:,} x {config.hidden_size:,} = {size:,} parameters "
+        f"({megabytes(size * 2)} in bf16), and merging the adapter changes the input "
+        f"embeddings too; leave lm_head and embed_tokens out of target_modules"
+    )
+
+
+def megabytes(size):
+    return f"{size / 1e6:,.0f} MB" if size >= 1e7 else f"{size / 1e6:.2g} MB"
+
+
+def check_prompt_lengths(config, source="config.yaml"):
+    """Each prompt in a local model's prompt format, plus generation.max_new_tokens, fits the
+    model's context. Models that are built, downloaded or run remote code have no tokenizer
+    here yet; generation meets them."""
+    used = {variant["model"] for variant in config["variants"].values()}
+    max_new_tokens = config["generation"]["max_new_tokens"]
+    for name in [name for name in config["models"] if name in used]:
+        model = config["models"][name]
+        if "init" in model or config["weights"] == "random" or model["trust_remote_code"]:
+            continue
+        if not is_local(model["path"]):
+            continue
+        context = context_length(model["path"])
+        if not context or not prompts_may_overflow(model, config["prompts"], context - max_new_tokens):
+            continue
+        for index, tokens in enumerate(prompt_tokens(name, model, config["prompts"], source)):
+            if tokens + max_new_tokens > context:
+                raise ConfigError(
+                    f"{source}: prompts[{index}]: {tokens:,} tokens in model {name}'s prompt "
+                    f"format, plus generation.max_new_tokens {max_new_tokens:,}, is more than "
+                    f"its context of {context:,} tokens (max_position_embeddings); shorten the "
+                    "prompt or lower max_new_tokens"
+                )
+
+
+def context_length(path):
+    """max_position_embeddings of a local model's config.json (or its text_config), or None."""
+    config = json.loads((Path(path).expanduser() / "config.json").read_text())
+    return config.get("max_position_embeddings") or config.get("text_config", {}).get("max_position_embeddings")
+
+
+def prompts_may_overflow(model, prompts, room):
+    """Whether a prompt may take more than `room` tokens as a local model's generation prompt,
+    told from sizes alone: loading the tokenizer takes 10 s of imports at every parse (measured
+    on the 2-core CI machine), so it is loaded only when this says so. A token covers at least
+    one byte, except the space sentencepiece puts before each stretch between special tokens,
+    so n bytes make at most 2n + 1 tokens; and a one-message generation prompt holds the prompt
+    and at most the template's text once (or the seed format's markers and bos)."""
+    directory = Path(model["path"]).expanduser()
+    settings_file = directory / "tokenizer_config.json"
+    settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+    template = model["prompt_format"]
+    if template == "chat_template":
+        jinja = directory / "chat_template.jinja"
+        template = jinja.read_text() if jinja.is_file() else settings.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name", "template"}, ...]
+            template = "".join(entry["template"] for entry in template)
+    if template in (None, "seed"):
+        bos = settings.get("bos_token") or ""
+        template = (bos["content"] if isinstance(bos, dict) else bos) + SEED_SYSTEM + SEED_USER + SEED_ASSISTANT
+    longest = max(len(prompt.encode()) for prompt in prompts) + len(template.encode())
+    return 2 * longest + 1 > room
+
+
+def prompt_tokens(name, model, prompts, source="config.yaml"):
+    """How many tokens each prompt takes as a local model's generation prompt."""
+    from modeling import load_tokenizer  # torch and transformers: seconds of imports
+
+    try:
+        tokenizer = load_tokenizer(model["path"])
+    except LoranotesError as error:
+        raise ConfigError(f"{source}: models.{name}.path: {error}") from None
+    try:
+        prompt_format = PromptFormat(tokenizer, model["prompt_format"])
+        texts = [prompt_format.generation_prompt(prompt) for prompt in prompts]
+    except LoranotesError as error:
+        raise ConfigError(f"{source}: models.{name}.prompt_format: {error}") from None
+    return [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]

@@ -29,21 +29,23 @@ def generate_samples(model, prompt_format, prompts, max_new_tokens, device):
     tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
     texts = [prompt_format.generation_prompt(prompt) for prompt in prompts]
     inputs = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+    stop_ids = prompt_format.stop_token_ids()  # eos and the turn end training labelled
     started = time.perf_counter()
     output = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop_ids,
     )
     log.info("generated %d prompts x up to %d tokens in %.1f s", len(prompts), max_new_tokens,
              time.perf_counter() - started)
     samples = []
     for prompt, row in zip(prompts, output[:, inputs["input_ids"].shape[1]:]):
         row = row.tolist()
-        if tokenizer.eos_token_id in row:  # generation stopped here; the rest is padding
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        stops = [index for index, token in enumerate(row) if token in stop_ids]
+        if stops:  # generation stopped here; the rest is padding
+            row = row[: stops[0] + 1]
         completion = tokenizer.decode(row, skip_special_tokens=True)
         samples.append({"prompt": prompt, "completion": completion, "new_tokens": len(row)})
         log.info("prompt: %r\n-> %r", prompt, completion)

@@ -1,5 +1,6 @@
 """What can be known about a model before loading it, cheaply enough to check when the Snakefile
-is parsed: whether its local directory has weights, and which layers LoRA can wrap.
+is parsed: whether its local directory has weights and a tokenizer, and which layers LoRA can
+wrap.
 
 The layer names come from building the architecture on PyTorch's `meta` device (no memory, no
 weights). That needs torch and transformers, about 3 s to import, so the answer is cached per
@@ -17,6 +18,9 @@ from pathlib import Path
 from errors import LoranotesError
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# What AutoTokenizer builds a tokenizer from: tokenizers' file, a sentencepiece model
+# (tokenizer.model, spiece.model), a BPE or WordPiece vocabulary, a tiktoken file.
+TOKENIZER_PATTERNS = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
 
 class ModelError(LoranotesError):
@@ -42,6 +46,20 @@ def local_model_problem(path):
         return (
             f"{path} has no weights (*.safetensors or *.bin); copy the model's weight files "
             "there, or point path: at a complete model directory"
+        )
+    return None
+
+
+def local_tokenizer_problem(path):
+    """What keeps a local model directory's tokenizer from loading, or None (also for hub ids).
+    Loading the model itself needs none, so this is a check of its own."""
+    if not is_local(path) or not Path(path).expanduser().is_dir():
+        return None
+    if not any(any(Path(path).expanduser().glob(pattern)) for pattern in TOKENIZER_PATTERNS):
+        return (
+            f"{path} has no tokenizer files ({', '.join(TOKENIZER_PATTERNS)}); copy the model's "
+            "tokenizer files there (tokenizer.json, tokenizer_config.json, ...), or point path: "
+            "at a complete model directory"
         )
     return None
 

@@ -1,20 +1,24 @@
 """Load conversations, check them, and split them into train and held-out eval sets.
 
-Sources: the bundled sample (a JSONL file the `bundled_sample` rule writes), a local
-.jsonl/.json/.parquet file, or a Hugging Face Hub dataset id + split. Both UltraChat row schemas
-are accepted:
+Sources (`dataset_source` decides which one dataset.source names): the bundled sample (a JSONL
+file the `bundled_sample` rule writes), a local .jsonl/.json/.parquet file, a directory of such
+shards (all of them, sorted by name), or a Hugging Face Hub dataset id + split. Three row schemas
+are accepted, also mixed:
 - ultrachat_200k: {"prompt", "prompt_id", "messages": [{"role", "content"}, ...]}
 - original UltraChat: {"id", "data": [user, assistant, user, ...]}
+- ShareGPT: {"conversations": [{"from": "human" | "gpt" | "system", "value"}, ...]}
 
 Rows that cannot be trained on are skipped and counted by reason (the counts go to the log, to
 data/stats.json and into the report); nothing is dropped silently. The split is deterministic
 given the seed, and the eval set is drawn first, so changing num_train keeps the same eval set.
 """
 
+import hashlib
 import json
 import logging
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from errors import LoranotesError, configure_logging, entry_point
@@ -22,42 +26,130 @@ from errors import LoranotesError, configure_logging, entry_point
 log = logging.getLogger("loranotes.prepare_data")
 
 ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+READ_SUFFIXES = (".jsonl", ".json", ".parquet")
+# Files people keep datasets in that are not read: a source ending so is a file, never a hub id.
+OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".tar", ".pkl")
+BUNDLED_SAMPLE = "results/data/bundled_sample.jsonl"  # the bundled_sample rule's output
 
 
 class DataError(LoranotesError, ValueError):
     """The dataset cannot be used at all (missing, unreadable, empty after checks)."""
 
 
+@dataclass(frozen=True)
+class DatasetSource:
+    """What dataset.source names: kind is "bundled", "file", "directory" or "hub"; location is
+    the path or the hub id; files are the local files read, in order; split is the hub split
+    (and the key of a .json file's {split: [...]} wrapper)."""
+
+    kind: str
+    location: str
+    files: tuple = ()
+    split: str | None = None
+
+
+def looks_local(source):
+    """A path, never a hub id (which is `name` or `org/name`): explicit (/, ./, ../, ~), existing,
+    nested deeper than org/name, or ending in a data file's suffix."""
+    return (
+        source.startswith(("/", "./", "../", "~"))
+        or Path(source).expanduser().exists()
+        or source.count("/") > 1
+        or Path(source).suffix.lower() in READ_SUFFIXES + OTHER_DATA_SUFFIXES
+    )
+
+
+def dataset_source(source, split="train_sft"):
+    """The DatasetSource that dataset.source names; a DataError for a local path that cannot be
+    read (missing, a type not read, a directory without shards)."""
+    if source == "bundled":
+        return DatasetSource("bundled", BUNDLED_SAMPLE, (BUNDLED_SAMPLE,), split)
+    if not looks_local(source):
+        return DatasetSource("hub", source, split=split)
+    path = Path(source).expanduser()
+    accepted = ", ".join(READ_SUFFIXES)
+    if path.is_dir():
+        entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        shards = [p for p in entries if p.suffix.lower() in READ_SUFFIXES]
+        if not shards:
+            found = ", ".join(p.name for p in entries[:5]) or "nothing"
+            raise DataError(f"dataset.source: the directory {source} has no {accepted} files "
+                            f"(it has: {found}); put the shards there or point source at one file")
+        return DatasetSource("directory", source, tuple(str(p) for p in shards), split)
+    if not path.exists():
+        raise DataError(f"dataset.source: {source} does not exist (a hub dataset id looks like "
+                        "org/name, without a leading / or ./ and without a file suffix)")
+    if path.suffix.lower() not in READ_SUFFIXES:
+        raise DataError(f"dataset.source: {source} is a {path.suffix or 'suffix-less'} file; "
+                        f"accepted: {accepted} files or a directory of them (pandas converts "
+                        "a .csv: pd.read_csv(path).to_json(out, orient='records', lines=True))")
+    return DatasetSource("file", source, (source,), split)
+
+
+class SourceRows:
+    """The rows of a dataset source as (where, row) pairs, `where` naming the file and line for
+    messages; while they are read, rows_read counts them per local file."""
+
+    def __init__(self, source):
+        self.source = source
+        self.rows_read = Counter()
+
+    def __iter__(self):
+        if self.source.kind == "hub":
+            yield from load_hub_rows(self.source.location, self.source.split)
+            return
+        for path in self.source.files:
+            for where, row in read_file(Path(path), self.source.split):
+                self.rows_read[path] += 1
+                yield where, row
+
+    def stats(self):
+        """What was read, for data/stats.json: kind, path (files with sha256 and rows) or hub id
+        and split."""
+        if self.source.kind == "hub":
+            return {"kind": "hub", "id": self.source.location, "split": self.source.split}
+        files = [{"path": path, "sha256": file_sha256(path), "rows": self.rows_read[path]}
+                 for path in self.source.files]
+        return {"kind": self.source.kind, "path": self.source.location, "files": files}
+
+
 def load_rows(source, split="train_sft"):
-    """Yield (where, row) pairs; `where` names the file and line for messages."""
-    path = Path(source)
-    if path.suffix in {".jsonl", ".json", ".parquet"} and not path.exists():
-        raise DataError(f"dataset.source: {source} does not exist")
-    if path.suffix == ".jsonl":
+    """The rows dataset.source names, as SourceRows."""
+    return SourceRows(dataset_source(source, split))
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def read_file(path, split="train_sft"):
+    """(where, row) pairs of one local .jsonl/.json/.parquet file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
             for line_number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
-                where = f"{source}:{line_number}"
+                where = f"{path}:{line_number}"
                 try:
                     yield where, json.loads(line)
                 except json.JSONDecodeError as error:
                     yield where, InvalidJSON(str(error))
-    elif path.suffix == ".json":
+    elif suffix == ".json":
         rows = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(rows, dict):  # {"data": [...]} / {"train": [...]} style wrappers
             rows = rows.get(split) or rows.get("data") or rows.get("rows")
         if not isinstance(rows, list):
-            raise DataError(f"{source}: expected a JSON list of conversations")
+            raise DataError(f"{path}: expected a JSON list of conversations")
         for index, row in enumerate(rows):
-            yield f"{source}[{index}]", row
-    elif path.suffix == ".parquet":
+            yield f"{path}[{index}]", row
+    else:
         import pandas as pd
 
         for index, row in enumerate(pd.read_parquet(path).to_dict("records")):
-            yield f"{source} row {index}", _plain(row)
-    else:
-        yield from load_hub_rows(source, split)
+            yield f"{path} row {index}", _plain(row)
 
 
 def load_hub_rows(source, split):
@@ -70,7 +162,7 @@ def load_hub_rows(source, split):
             f"dataset.source: could not load hub dataset '{source}' split '{split}' "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). "
             "Check the id and split, your network and HF_TOKEN, or point source at a local "
-            ".jsonl/.json/.parquet file."
+            ".jsonl/.json/.parquet file or a directory of them."
         ) from error
     for index, row in enumerate(dataset):
         yield f"{source}[{split}] row {index}", row
@@ -102,6 +194,13 @@ def to_messages(row):
         messages = row["messages"]
         if not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
             raise ValueError("messages without role/content")
+    elif isinstance(row.get("conversations"), list):
+        turns = row["conversations"]
+        if not all(isinstance(t, dict) and "from" in t and "value" in t for t in turns):
+            raise ValueError("conversations without from/value")
+        # ShareGPT: human/gpt/system; other speakers ("tool", "bing") stay unknown roles.
+        messages = [{"role": SHAREGPT_ROLES.get(t["from"], t["from"]), "content": t["value"]}
+                    for t in turns]
     elif isinstance(row.get("data"), list):
         # Original UltraChat: a plain list of turns, starting with the user.
         messages = [
@@ -109,7 +208,7 @@ def to_messages(row):
             for index, content in enumerate(row["data"])
         ]
     else:
-        raise ValueError("neither schema (no 'messages' or 'data' list)")
+        raise ValueError("no known schema (no 'messages', 'conversations' or 'data' list)")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     check_conversation(messages)
     return messages
@@ -145,7 +244,7 @@ def prepare(rows, num_train, num_eval, seed):
             skipped[str(reason)] += 1
             examples.setdefault(str(reason), where)
             continue
-        # A parquet file that mixes both schemas fills the other schema's id column with NaN.
+        # A parquet file that mixes schemas fills the other schemas' id columns with NaN.
         ids = [row.get(key) for key in ("prompt_id", "id") if isinstance(row.get(key), (str, int))]
         conversation_id = ids[0] if ids else where
         conversations.append({"id": str(conversation_id), "messages": messages})
@@ -185,14 +284,15 @@ def write_jsonl(rows, path):
 def main(snakemake):
     configure_logging(snakemake)
     dataset = snakemake.params.dataset
-    source = snakemake.input.get("bundled", dataset["source"])
-    train_set, eval_set, stats = prepare(
-        load_rows(source, dataset["split"]), dataset["num_train"], dataset["num_eval"], dataset["seed"]
-    )
+    rows = load_rows(dataset["source"], dataset["split"])
+    train_set, eval_set, stats = prepare(rows, dataset["num_train"], dataset["num_eval"], dataset["seed"])
+    stats = {"source": rows.stats(), **stats}
     write_jsonl(train_set, snakemake.output.train)
     write_jsonl(eval_set, snakemake.output.eval)
     Path(snakemake.output.stats).write_text(json.dumps(stats, indent=2) + "\n")
-    log.info("read %d rows from %s: %d usable", stats["rows"], source, stats["usable"])
+    read_from = rows.source.location + (f" ({len(rows.source.files)} files)"
+                                        if rows.source.kind == "directory" else "")
+    log.info("read %d rows from %s: %d usable", stats["rows"], read_from, stats["usable"])
     for reason, count in stats["skipped"].items():
         log.info("skipped %d: %s (first at %s)", count, reason, stats["skipped_examples"][reason])
     log.info("split (seed %d): %d train, %d eval", dataset["seed"], stats["train"], stats["eval"])

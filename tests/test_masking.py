@@ -1,8 +1,10 @@
-"""The assistant-only loss mask (scripts/chat_format.py): which tokens are trained on.
+"""The assistant-only loss mask (scripts/chat_format.py): which tokens are trained on, and
+where a conversation longer than max_length is cut.
 
 For each prompt format the pipeline supports, the labelled tokens, decoded, must be exactly the
 assistant turns (plus the end-of-turn token), and the generation prompt must end where the
-assistant's answer starts in training, token for token.
+assistant's answer starts in training, token for token. (Templates in the styles of real model
+families, and {% generation %} tags: test_chat_templates.py.)
 """
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from build_model import train_tokenizer
 from bundled_sample import make_conversations
 from chat_format import IGNORE_INDEX, PromptFormat, tokenize_conversation
+from chat_styles import template
 from modeling import load_tokenizer
 from util import labelled_runs
 
@@ -60,7 +63,7 @@ def stories_tokenizer(shared_fixtures):
     return load_tokenizer(shared_fixtures / "stories260k")
 
 
-FORMATS = ["chatml", "seed (byte-level BPE)", "seed (stories260k)", "jinja"]
+FORMATS = ["chatml", "seed (byte-level BPE)", "seed (stories260k)", "jinja", "[INST] (stories260k)"]
 
 
 @pytest.fixture(params=FORMATS)
@@ -71,6 +74,8 @@ def prompt_format(request, bpe_tokenizers):
         return PromptFormat(bpe_tokenizers[False], "chat_template")
     if request.param == "seed (stories260k)":
         return PromptFormat(request.getfixturevalue("stories_tokenizer"), "chat_template")
+    if request.param == "[INST] (stories260k)":  # Mistral's template on a real sentencepiece tokenizer
+        return PromptFormat(request.getfixturevalue("stories_tokenizer"), template("mistral"))
     return PromptFormat(bpe_tokenizers[False], JINJA_TEMPLATE)
 
 
@@ -112,23 +117,42 @@ def test_user_and_system_tokens_are_unlabelled_but_kept_as_context(prompt_format
             assert message["content"] not in trained, message["role"]
 
 
-def test_truncation_cuts_ids_and_labels_together(prompt_format):
-    messages = HANDWRITTEN["multi turn with system"]
+def run_ends(labels):
+    """Token index after each labelled run: where each assistant turn (with its end) ends."""
+    return [i + 1 for i, label in enumerate(labels)
+            if label != IGNORE_INDEX and (i + 1 == len(labels) or labels[i + 1] == IGNORE_INDEX)]
+
+
+def test_a_long_conversation_keeps_its_leading_whole_exchanges(prompt_format):
+    messages = [m for m in HANDWRITTEN["multi turn with system"] if m["role"] != "system"]
     full_ids, full_labels, truncated = tokenize_conversation(prompt_format, messages, 100_000)
     assert not truncated
-    # Cut inside the second assistant turn: its first part stays trained, the rest is gone.
-    trained = [i for i, label in enumerate(full_labels) if label != IGNORE_INDEX]
-    first_answer = labelled_runs(full_ids, full_labels)[0]
-    cut_at = trained[len(first_answer) + 3]  # after 3 tokens of the second answer
-    ids, labels, truncated = tokenize_conversation(prompt_format, messages, cut_at)
-    assert truncated
-    assert ids == full_ids[:cut_at] and labels == full_labels[:cut_at]
-    runs = decoded_runs(prompt_format, messages, cut_at)
+    ends = run_ends(full_labels)
     targets = assistant_targets(prompt_format, messages)
-    assert len(runs) == 2 and runs[0] == targets[0]
-    assert targets[1].startswith(runs[1]) and len(runs[1]) < len(targets[1])
+    # A budget that ends anywhere inside the second exchange keeps the first, with its end of
+    # turn, and nothing of the second: no answer is cut off in the middle.
+    for max_length in (ends[0], ends[0] + 1, ends[1] - 1):
+        ids, labels, truncated = tokenize_conversation(prompt_format, messages, max_length)
+        assert truncated and ids == full_ids[: ends[0]] and labels == full_labels[: ends[0]]
+        assert decoded_runs(prompt_format, messages, max_length) == targets[:1]
+    ids, labels, truncated = tokenize_conversation(prompt_format, messages, ends[2] - 1)
+    assert truncated and ids == full_ids[: ends[1]]
+    assert decoded_runs(prompt_format, messages, ends[2] - 1) == targets[:2]
     # Exactly max_length tokens is not truncation.
-    assert tokenize_conversation(prompt_format, messages, len(full_ids))[2] is False
+    assert tokenize_conversation(prompt_format, messages, len(full_ids)) == (full_ids, full_labels, False)
+
+
+def test_a_first_answer_longer_than_the_budget_is_cut_inside_it(prompt_format):
+    messages = HANDWRITTEN["multi turn with system"]
+    full_ids, full_labels, _ = tokenize_conversation(prompt_format, messages, 100_000)
+    first_trained = next(i for i, label in enumerate(full_labels) if label != IGNORE_INDEX)
+    ids, labels, truncated = tokenize_conversation(prompt_format, messages, first_trained + 3)
+    assert truncated and ids == full_ids[: first_trained + 3] and labels == full_labels[: first_trained + 3]
+    [run] = decoded_runs(prompt_format, messages, first_trained + 3)
+    assert assistant_targets(prompt_format, messages)[0].startswith(run) and run
+    # A prompt that does not fit leaves nothing to train on (the tokenize step drops it).
+    _, labels, truncated = tokenize_conversation(prompt_format, messages, first_trained)
+    assert truncated and set(labels) == {IGNORE_INDEX}
 
 
 def test_generation_prompt_ends_where_the_answer_starts(prompt_format):
@@ -178,9 +202,8 @@ def test_jinja_prompt_format_that_does_not_parse_is_a_clear_error(bpe_tokenizers
 def test_template_that_rewrites_content_is_refused(bpe_tokenizers):
     """Content the template changes cannot be located, so it must not be silently mislabelled."""
     shouting = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] | upper }}{% endfor %}"
-    prompt_format = PromptFormat(bpe_tokenizers[False], shouting)
     with pytest.raises(ValueError, match="does not reproduce message 0"):
-        tokenize_conversation(prompt_format, HANDWRITTEN["single turn"], 100)
+        PromptFormat(bpe_tokenizers[False], shouting)
 
 
 def test_an_answer_that_also_appears_in_the_template_header_is_found_in_the_answer(bpe_tokenizers):

@@ -308,14 +308,14 @@ def test_provenance_names_code_packages_config_and_flags_runs_that_differ(tmp_pa
 
 
 @pytest.mark.parametrize("source, shown", [
-    ({"kind": "file", "path": "/data/chats.jsonl"}, "The file `/data/chats.jsonl`: 30 rows"),
+    ({"kind": "file", "path": "/data/chats.jsonl", "files": [{}]}, "The file `/data/chats.jsonl`: 30 rows"),
     ({"kind": "directory", "path": "/data/shards", "files": [{}, {}, {}]},
      "The directory `/data/shards` (3 files): 30 rows"),
-    ({"kind": "hub", "path": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
+    ({"kind": "hub", "id": "HuggingFaceH4/ultrachat_200k", "split": "train_sft"},
      "The hub dataset `HuggingFaceH4/ultrachat_200k` (split `train_sft`): 30 rows"),
 ])
 def test_the_data_line_names_what_was_read(tmp_path, source, shown, monkeypatch):
-    monkeypatch.setitem(DATA_STATS, "source", {"files": [], **source})
+    monkeypatch.setitem(DATA_STATS, "source", source)
     report = render(tmp_path)
     assert shown in report
     assert "training on 18 of the 20 training conversations (15 whole, 3 shortened" in report

@@ -61,7 +61,7 @@ SYSTEM_ROW = {"messages": [
     {"role": "assistant", "content": "A low-rank adapter trained on top of frozen weights."},
 ]}
 SKIP_REASONS = {
-    "invalid JSON", "neither schema (no 'messages' or 'data' list)", "unknown role 'bot'",
+    "invalid JSON", "no known schema (no 'messages', 'conversations' or 'data' list)", "unknown role 'bot'",
     "turns do not alternate user/assistant", "no assistant turn", "empty content",
 }
 
@@ -164,6 +164,7 @@ CONFIG_MISTAKES = {
 @pytest.fixture(scope="module")
 def workflow_copy(tmp_path_factory):
     workdir = copy_workflow(tmp_path_factory.mktemp("config_mistakes"))
+    (workdir / "dirty.jsonl").write_text("")  # the dry run checks that dataset.source exists
     (workdir / "empty-model").mkdir()
     (workdir / "empty-model" / "config.json").write_text('{"model_type": "qwen3"}')
     return workdir
