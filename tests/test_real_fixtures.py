@@ -13,7 +13,9 @@ from chat_format import PromptFormat, tokenize_conversation
 from modeling import load_base_model, load_tokenizer
 from prepare_data import load_rows, prepare
 from tokenize_data import tokenize_split
-from train import evaluate, read_tokenized, train
+from batches import read_tokenized
+from step import evaluate
+from train import train
 from util import labelled_runs
 from experiment_config import LORA_DEFAULTS, TRAINING_DEFAULTS
 

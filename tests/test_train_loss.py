@@ -4,7 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from chat_format import IGNORE_INDEX
-from train import token_loss_sums
+from step import token_loss_sums
 
 
 def tiny_model():
@@ -46,7 +46,8 @@ def test_masked_tokens_get_no_gradient_signal():
 
 
 def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
-    from train import collate, forward_backward, pack
+    from batches import collate, pack
+    from step import forward_backward
 
     model = tiny_model()
     torch.manual_seed(1)
