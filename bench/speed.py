@@ -83,7 +83,7 @@ def measure(model, step_options, batches, steps, warmup, profile_to=None,
     times, tokens, losses, first_step_s, attention_sum = [], [], [], None, 0
     for index in range(warmup + steps):
         result = train_step(model, [batches[index % len(batches)]], update, step_options,
-                            forward_backward)
+                            forward_backward=forward_backward)
         losses.append(result.loss)
         if index == 0:  # includes torch.compile's compilation, when on
             first_step_s = result.seconds
@@ -110,7 +110,7 @@ def profile_step(model, batch, update, step_options, forward_backward, path):
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        train_step(model, [batch], update, step_options, forward_backward)
+        train_step(model, [batch], update, step_options, forward_backward=forward_backward)
     Path(path).write_text(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
 
 

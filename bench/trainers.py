@@ -59,11 +59,13 @@ def baseline_model(path, quantization):
     return model
 
 
-def baseline_forward_backward(model, batch, options, scale=1.0):
-    """The plain script's micro-batch: transformers' own loss, the mean over the batch's targets."""
+def baseline_forward_backward(model, batch, options, normaliser=None):
+    """The plain script's micro-batch: transformers' own loss, the mean over the batch's targets
+    (the bench's windows are one micro-batch: `normaliser` is that count)."""
     loss = model(**batch).loss
-    (loss * scale).backward()
-    return MicroBatch(loss.item(), 0, target_count(batch), non_padding_tokens(batch))
+    targets = target_count(batch)
+    (loss * targets / (normaliser or targets)).backward()
+    return MicroBatch(loss.item(), 0, targets, non_padding_tokens(batch))
 
 
 def compile_attention_and_mlp(model):

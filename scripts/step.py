@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from batches import collate, model_inputs, non_padding_tokens, shifted_targets
+from batches import collate, model_inputs, non_padding_tokens, shifted_targets, target_count
 from chat_format import IGNORE_INDEX
 from errors import LoranotesError
 
@@ -46,7 +46,7 @@ class StepOptions:
 
 
 class MicroBatch(NamedTuple):
-    loss: float    # mean over the micro-batch's targets
+    loss: float    # mean over the micro-batch's targets (of a window: over its normaliser)
     correct: int   # targets predicted right (argmax)
     targets: int
     tokens: int    # non-padding tokens
@@ -109,8 +109,9 @@ def fused_token_loss_sums(model, inputs, labels):
 
 # --- one step ------------------------------------------------------------------------------------
 
-def forward_backward(model, batch, options=StepOptions(), scale=1.0):
-    """Forward and backward pass of one micro-batch; gradients of its mean loss times `scale`."""
+def forward_backward(model, batch, options=StepOptions(), normaliser=None):
+    """Forward and backward pass of one micro-batch: gradients of its summed token loss divided
+    by `normaliser` (by default its own target count: its mean loss)."""
     with bf16_autocast(options.bf16_autocast):
         if options.fused_loss:
             loss_sum, correct, targets = fused_token_loss_sums(model, model_inputs(batch), batch["labels"])
@@ -120,9 +121,32 @@ def forward_backward(model, batch, options=StepOptions(), scale=1.0):
             # The autograd graph keeps what backward needs; holding the logits through backward
             # too would add their size to the peak (2.5 GB for Qwen3-4B at 4 x 1024, on an H100).
             del logits
-    (loss_sum / targets * scale).backward()
+    (loss_sum / (targets if normaliser is None else normaliser)).backward()
     return MicroBatch(loss_sum.item() / targets.item(), correct.item(), targets.item(),
                       non_padding_tokens(batch))
+
+
+def accumulate(model, micro_batches, options=StepOptions(), *, normaliser=None,
+               forward_backward=forward_backward):
+    """Forward and backward of each micro-batch of an accumulation window: the gradients of the
+    window's summed token loss over `normaliser` targets, by default all the window's (counted
+    before the forward passes), so that 2 micro-batches of 4 conversations give the loss and
+    gradients of one batch of 8. Data-parallel training passes the count of every rank's
+    window. Returns the window's MicroBatch: loss over `normaliser`, correct, targets, tokens.
+    """
+    if normaliser is None:
+        normaliser = sum(target_count(batch) for batch in micro_batches)
+    loss_sum = correct = targets = tokens = 0
+    for batch in micro_batches:
+        try:
+            result = forward_backward(model, batch, options, normaliser)
+        except torch.cuda.OutOfMemoryError as error:
+            raise BatchOutOfMemory(batch) from error
+        loss_sum += result.loss * result.targets
+        correct += result.correct
+        targets += result.targets
+        tokens += result.tokens
+    return MicroBatch(loss_sum / normaliser, correct, targets, tokens)
 
 
 class Update:
@@ -158,10 +182,10 @@ class Update:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def train_step(model, micro_batches, update, options=StepOptions(), forward_backward=forward_backward):
-    """One optimizer step over the micro-batches of its accumulation window, timed from the
-    first forward to the finished update (on CUDA, synchronized at both ends). Micro-batches
-    weigh equally: each contributes the mean over its targets, as in HF Trainer.
+def train_step(model, micro_batches, update, options=StepOptions(), *, normaliser=None,
+               forward_backward=forward_backward):
+    """One optimizer step over the micro-batches of its accumulation window (see accumulate),
+    timed from the first forward to the finished update (on CUDA, synchronized at both ends).
 
     `forward_backward`: the trainer's by default; bench/speed.py times its plain script's
     through the same step. Raises BatchOutOfMemory, and LossNotFinite before the update.
@@ -169,21 +193,14 @@ def train_step(model, micro_batches, update, options=StepOptions(), forward_back
     device = micro_batches[0]["input_ids"].device
     synchronize(device)
     started = time.perf_counter()
-    loss = correct = targets = tokens = 0
-    for batch in micro_batches:
-        try:
-            result = forward_backward(model, batch, options, scale=1 / len(micro_batches))
-        except torch.cuda.OutOfMemoryError as error:
-            raise BatchOutOfMemory(batch) from error
-        loss += result.loss / len(micro_batches)
-        correct += result.correct
-        targets += result.targets
-        tokens += result.tokens
-    if not math.isfinite(loss):
-        raise LossNotFinite(loss)
+    window = accumulate(model, micro_batches, options, normaliser=normaliser,
+                        forward_backward=forward_backward)
+    if not math.isfinite(window.loss):
+        raise LossNotFinite(window.loss)
     grad_norm, lr = update.apply()
     synchronize(device)  # the step's kernels must finish before we time it
-    return StepResult(loss, correct / targets, lr, grad_norm, time.perf_counter() - started, tokens)
+    return StepResult(window.loss, window.correct / window.targets, lr, grad_norm,
+                      time.perf_counter() - started, window.tokens)
 
 
 def synchronize(device):
