@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from batches import collate, model_inputs, non_padding_tokens, shifted_targets, target_count
 from chat_format import IGNORE_INDEX
 from errors import LoranotesError
+from run_metrics import ratio_standard_error
 
 
 class TrainingError(LoranotesError):
@@ -68,17 +69,23 @@ def bf16_autocast(on):
 
 # --- the loss ------------------------------------------------------------------------------------
 
-def token_loss_sums(logits, labels):
-    """Summed next-token cross-entropy, correct predictions and target count on labelled tokens."""
+def token_losses(logits, labels):
+    """Next-token cross-entropy at every position (0 where there is no target), whether the
+    argmax predicted the target, and which positions have one."""
     targets = shifted_targets(labels)
     logits = logits.float()
-    mask = targets != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
+    losses = F.cross_entropy(
         logits.view(-1, logits.size(-1)), targets.view(-1),
-        ignore_index=IGNORE_INDEX, reduction="sum",
-    )
-    correct = ((logits.argmax(-1) == targets) & mask).sum()
-    return loss_sum, correct, mask.sum()
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view_as(targets)
+    mask = targets != IGNORE_INDEX
+    return losses, (logits.argmax(-1) == targets) & mask, mask
+
+
+def token_loss_sums(logits, labels):
+    """Summed next-token cross-entropy, correct predictions and target count on labelled tokens."""
+    losses, correct, mask = token_losses(logits, labels)
+    return losses.sum(), correct.sum(), mask.sum()
 
 
 def can_fuse_loss(model):
@@ -210,21 +217,34 @@ def synchronize(device):
 
 # --- evaluation ----------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float  # mean over the split's target tokens
+    accuracy: float  # share of target tokens predicted right (argmax)
+    loss_se: float | None  # standard error of `loss` across conversations; None for fewer than 2
+    target_tokens: int
+    conversations: int  # those with a target token
+
+
 @torch.no_grad()
 def evaluate(model, examples, batch_size, pad_id, device, autocast=False):
-    """Token-weighted mean loss and accuracy over assistant tokens of the eval split."""
+    """Token-weighted mean loss and accuracy over the assistant tokens of the eval split, with
+    the standard error of the loss across its conversations (run_metrics.ratio_standard_error)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
+    loss_sums, counts, correct = [], [], 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id, device)
         # Compiled layers (training.compile) run eagerly here: a few eval batches of new shapes
         # without gradients are not worth another compilation.
         with bf16_autocast(autocast), torch.compiler.set_stance("force_eager"):
             logits = model(**model_inputs(batch)).logits
-        batch_loss, batch_correct, batch_count = token_loss_sums(logits, batch["labels"])
-        loss_sum += batch_loss.item()
-        correct += batch_correct.item()
-        count += batch_count.item()
+        losses, hits, mask = token_losses(logits, batch["labels"])  # a row per conversation
+        loss_sums += losses.sum(1).tolist()
+        counts += mask.sum(1).tolist()
+        correct += int(hits.sum())
     model.train(was_training)
-    return loss_sum / count, correct / count
+    total = sum(counts)
+    return Evaluation(loss=sum(loss_sums) / total, accuracy=correct / total,
+                      loss_se=ratio_standard_error(loss_sums, counts), target_tokens=total,
+                      conversations=sum(count > 0 for count in counts))

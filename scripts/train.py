@@ -5,10 +5,12 @@ Reads the tokenized splits, writes the adapter (safetensors), a per-step CSV and
 - load: the data (batches.py) and the model with its speed features and LoRA (speedups.py);
 - plan: how much backward recomputes to fit the memory budget (memory_plan.py);
 - resume: the latest checkpoint of this very run, or the eval before training (resume.py);
-- loop: one step after the other (step.py), checkpointed every `checkpoint_every` steps;
+- loop: one step after the other (step.py), the held-out split evaluated every `eval_every`
+  steps and at the last (the eval after training), checkpointed every `checkpoint_every` steps;
 - write: the adapter, train_log.csv and metrics.json (run_metrics.py).
 """
 
+import contextlib
 import functools
 import logging
 import random
@@ -77,15 +79,13 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     fingerprint = run_fingerprint(model_path, quantization, training, lora, [train_path, eval_path])
     progress = resume_or_start(run, checkpoint_dir, fingerprint, update, batches)
 
-    # Peak memory is the training steps' (model, optimizer, activations); the eval passes, whose
-    # full-vocabulary logits of a larger batch can spike higher, are left out.
-    reset_peak_memory(run.device)
-    train_steps(run, update, batches, progress, checkpoint_dir)
-    train_memory = peak_memory(run.device)
-    eval_after = run.evaluate()
-    log.info("eval loss after training: %.4f (before %.4f)", eval_after[0], progress["eval_before"][0])
+    peak = TrainingPeak(run.device)
+    train_steps(run, update, batches, progress, checkpoint_dir, peak)
+    before, after = progress["evaluations"][0], progress["evaluations"][-1]
+    log.info("eval loss after training: %s (before %s)", with_error(after["loss"], after["loss_se"]),
+             with_error(before["loss"], before["loss_se"]))
 
-    metrics = write_outputs(run, progress, eval_after, train_memory, out_dir, model_path)
+    metrics = write_outputs(run, progress, peak.read(), out_dir, model_path)
     if checkpoint_dir:  # the outputs hold everything now
         remove_checkpoints(checkpoint_dir)
     return metrics
@@ -135,27 +135,73 @@ def resume_or_start(run, checkpoint_dir, fingerprint, update, batches):
         for _ in range(len(progress["steps"]) * run.training["grad_accum"]):
             next(batches)
         return progress
-    eval_before = run.evaluate()
-    log.info("eval loss before training: %.4f", eval_before[0])
-    return {"fingerprint": fingerprint, "step": 0, "steps": [], "eval_before": eval_before}
+    before = run.evaluate()
+    log.info("eval loss before training: %s (%d conversations, %s target tokens)",
+             with_error(before.loss, before.loss_se), before.conversations,
+             f"{before.target_tokens:,}")
+    return {"fingerprint": fingerprint, "step": 0, "steps": [],
+            "evaluations": [{"step": 0, **asdict(before)}]}
 
 
-def train_steps(run, update, batches, progress, checkpoint_dir):
-    """The steps not done yet, each recorded in `progress` and checkpointed when due."""
+def train_steps(run, update, batches, progress, checkpoint_dir, peak):
+    """The steps not done yet, each recorded in `progress`, evaluated and checkpointed when due."""
     training = run.training
     for step in range(len(progress["steps"]) + 1, training["steps"] + 1):
         window = [next(batches) for _ in range(training["grad_accum"])]
         result = one_step(run, update, window, step)
         attention = sum(attention_flops(run.model.config, [len(ids) for ids, _ in examples])
                         for examples in window)
-        progress["steps"].append(step_record(step, result, attention,
-                                             peak_memory(run.device)["peak_memory_gb"]))
+        progress["steps"].append(step_record(step, result, sum(map(len, window)), attention,
+                                             peak.read()["peak_memory_gb"]))
         progress["step"] = step
         if step == 1 or step % 10 == 0 or step == training["steps"]:
             log.info("step %d/%d  loss %.4f  acc %.3f  lr %.2e  %.2fs", step, training["steps"],
                      result.loss, result.token_accuracy, result.lr, result.seconds)
+        if eval_due(step, training):
+            with peak.left_out():  # eval's logits of a larger batch are not a step's memory
+                evaluation = run.evaluate()
+            progress["evaluations"].append({"step": step, **asdict(evaluation)})
+            log.info("step %d/%d  eval loss %s  acc %.3f", step, training["steps"],
+                     with_error(evaluation.loss, evaluation.loss_se), evaluation.accuracy)
         if checkpoint_dir and checkpoint_due(step, training):
             save_checkpoint(checkpoint_dir, run.model, update, progress)
+
+
+def with_error(loss, standard_error):
+    """'7.5012 ± 0.0431', or the loss alone where there is no standard error."""
+    return f"{loss:.4f}" + ("" if standard_error is None else f" ± {standard_error:.4f}")
+
+
+def eval_due(step, training):
+    """Every eval_every-th step and the last, whose eval is the one after training."""
+    every = training["eval_every"]
+    return (bool(every) and step % every == 0) or step == training["steps"]
+
+
+class TrainingPeak:
+    """The training steps' peak memory, from the start of the loop: the evaluations between
+    steps are left out (the peak so far is kept before each one and the counter reset after
+    it). On a CPU the process's peak RSS, which cannot be reset, covers everything."""
+
+    def __init__(self, device):
+        self.device = device
+        self.kept = None
+        reset_peak_memory(device)
+
+    def read(self):
+        """modeling.peak_memory's figures for the training steps so far."""
+        current = peak_memory(self.device)
+        if self.kept is None:
+            return current
+        return {**current, **{key: max(current[key], self.kept[key])
+                              for key in ("peak_memory_gb", "peak_reserved_gb")
+                              if current[key] is not None}}
+
+    @contextlib.contextmanager
+    def left_out(self):
+        self.kept = self.read()
+        yield
+        reset_peak_memory(self.device)
 
 
 def one_step(run, update, window, step):
@@ -173,7 +219,7 @@ def one_step(run, update, window, step):
         ) from None
 
 
-def write_outputs(run, progress, eval_after, train_memory, out_dir, model_path):
+def write_outputs(run, progress, train_memory, out_dir, model_path):
     """The adapter, train_log.csv and, last, metrics.json; returns the metrics."""
     # Write the adapter next to its final place and rename, so a crash never leaves a
     # half-written adapter that looks complete.
@@ -183,7 +229,7 @@ def write_outputs(run, progress, eval_after, train_memory, out_dir, model_path):
     shutil.rmtree(adapter_dir, ignore_errors=True)
     partial_dir.rename(adapter_dir)
 
-    write_train_log(progress["steps"], out_dir / "train_log.csv")
+    write_train_log(progress["steps"], progress["evaluations"], out_dir / "train_log.csv")
     trainable, total = run.model.get_nb_trainable_parameters()
     device = run.device
     params = {
@@ -191,12 +237,13 @@ def write_outputs(run, progress, eval_after, train_memory, out_dir, model_path):
         "total_params": total,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "random_init": bool(model_info(model_path).get("random_init")),
+        "train_conversations": len(run.train_examples),
         **run.setup.metrics(),
         **asdict(run.memory),
         "bf16_matmul_tflops": run.bf16_matmul_tflops,
         "flops_per_token": flops_per_token(run.model),
     }
-    metrics = summarize(progress["steps"], progress["eval_before"], eval_after, train_memory, params)
+    metrics = summarize(progress["steps"], progress["evaluations"], train_memory, params)
     write_metrics(metrics, out_dir / "metrics.json")
     return metrics
 

@@ -290,6 +290,25 @@ def after_training_forward(action):
         handle.remove()
 
 
+@contextlib.contextmanager
+def counted_evaluations():
+    """The evaluations of the held-out split while inside (one list item per evaluation of
+    an eval split of one batch): forward passes of a LoRA model without gradients."""
+    from peft import PeftModel
+
+    calls = []
+
+    def hook(module, args, output):
+        if isinstance(module, PeftModel) and not torch.is_grad_enabled():
+            calls.append(1)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
 def test_nan_loss_stops_the_variant_with_its_step_and_keeps_the_checkpoint(tiny_model, tmp_path):
     def nan_at_step_3(call, output):
         if call == 3:
@@ -340,12 +359,12 @@ def one_thread():
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(
     tiny_model, tmp_path, one_thread, caplog
 ):
-    args = train_args(tiny_model, tmp_path / "killed", tmp_path / "checkpoints")
+    args = train_args(tiny_model, tmp_path / "killed", tmp_path / "checkpoints", eval_every=5)
     killed = subprocess.Popen(
         [sys.executable, "-c", TRAIN_PROGRAM, str(REPO / "scripts"), json.dumps(args), "8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    expected = train.train(**train_args(tiny_model, tmp_path / "uninterrupted"))  # meanwhile
+    expected = train.train(**train_args(tiny_model, tmp_path / "uninterrupted", eval_every=5))
     checkpoint, older = tmp_path / "checkpoints" / "step-8", tmp_path / "checkpoints" / "step-4"
     deadline = time.monotonic() + 120
     while (not checkpoint.exists() or older.exists()) and killed.poll() is None \
@@ -359,15 +378,18 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert not (tmp_path / "killed" / "metrics.json").exists()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-8"]
 
-    with caplog.at_level("INFO", logger="loranotes.train"):
+    with caplog.at_level("INFO", logger="loranotes.train"), counted_evaluations() as evaluations:
         resumed = train.train(**args)  # the rerun: everything it knows comes from the checkpoint
     assert f"resuming from {checkpoint}: 8 of 12 steps done" in caplog.messages
+    assert len(evaluations) == 2  # steps 10 and 12; before training and step 5: from the checkpoint
 
-    columns = ["step", "loss", "token_accuracy", "lr", "grad_norm"]
+    columns = ["step", "loss", "token_accuracy", "lr", "grad_norm", "eval_loss", "eval_accuracy"]
     resumed_log = pd.read_csv(tmp_path / "killed" / "train_log.csv")[columns]
     expected_log = pd.read_csv(tmp_path / "uninterrupted" / "train_log.csv")[columns]
     pd.testing.assert_frame_equal(resumed_log, expected_log, check_exact=False, rtol=0, atol=1e-6)
-    for key in ("final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss_after"):
+    assert list(resumed_log.dropna()["step"]) == [5, 10, 12]
+    for key in ("final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss_after",
+                "eval_loss_after_se", "train_examples_seen"):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-6)
     assert not (tmp_path / "checkpoints").exists()  # a finished run cleans up after itself
 

@@ -456,7 +456,10 @@ def test_mfu_counts_matmul_and_attention_flops_of_the_timed_steps():
     from run_metrics import WARMUP_STEPS_EXCLUDED, summarize
 
     steps = [{"step": i, "loss": 1.0, "token_accuracy": 0.5, "seconds": 0.5, "tokens": 4096,
-              "attention_flops": 1e12} for i in range(WARMUP_STEPS_EXCLUDED + 4)]
+              "conversations": 4, "attention_flops": 1e12} for i in range(WARMUP_STEPS_EXCLUDED + 4)]
     steps[0]["seconds"] = 30.0  # compilation: not timed
-    metrics = summarize(steps, (2.0, 0.1), (1.5, 0.2), {}, {"flops_per_token": 16e9, "bf16_matmul_tflops": 800.0})
+    evaluations = [{"step": step, "loss": loss, "accuracy": accuracy, "loss_se": 0.01,
+                    "target_tokens": 900, "conversations": 10}
+                   for step, loss, accuracy in ((0, 2.0, 0.1), (len(steps), 1.5, 0.2))]
+    metrics = summarize(steps, evaluations, {}, {"flops_per_token": 16e9, "bf16_matmul_tflops": 800.0})
     assert metrics["mfu"] == pytest.approx((4096 * 16e9 + 1e12) / 0.5 / 800e12)
