@@ -4,18 +4,17 @@ import json
 
 import pandas as pd
 
-COLUMNS = [
-    "variant", "title", "model", "quantization", "lora_r", "lora_targets", "steps",
-    "final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss_after",
-    "token_accuracy", "train_seconds", "median_s_per_step", "tokens_per_s", "peak_memory_gb",
-    "peak_reserved_gb", "memory_kind", "trainable_params", "total_params", "device",
-    "random_init", "mfu", "bf16_matmul_tflops", "gradient_checkpointing_layers", "decoder_layers",
-    "activations_kept", "compiled", "fused_loss", "fused_kernels", "varlen_attention",
-]
+from run_metrics import METRIC_KEYS
+
+SETTING_COLUMNS = ["variant", "title", "model", "quantization", "lora_r", "lora_targets"]
+COLUMNS = SETTING_COLUMNS + METRIC_KEYS
 
 
 def collect(variants, metrics_paths):
-    """variants: resolved variant dicts in config order; metrics_paths: their metrics.json."""
+    """variants: resolved variant dicts in config order; metrics_paths: their metrics.json.
+
+    A key that a metrics.json has and METRIC_KEYS does not (one written by other code) is kept,
+    in a column after the known ones; a known key a file lacks (an older train.py) is empty."""
     rows = []
     for variant, path in zip(variants, metrics_paths):
         with open(path) as f:
@@ -29,7 +28,8 @@ def collect(variants, metrics_paths):
             "lora_targets": ",".join(variant["lora"]["target_modules"]),
             **metrics,
         })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    unknown = list(dict.fromkeys(key for row in rows for key in row if key not in COLUMNS))
+    return pd.DataFrame(rows, columns=COLUMNS + unknown)
 
 
 def main(snakemake):

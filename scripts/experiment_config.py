@@ -39,6 +39,7 @@ TRAINING_DEFAULTS = {
     "max_grad_norm": 1.0,
     "max_length": 1024,
     "eval_batch_size": 8,
+    "eval_every": 20,
     "gradient_checkpointing": "auto",
     "memory_budget_gb": None,
     "packing": True,
