@@ -8,10 +8,11 @@ import logging
 import pandas as pd
 
 from errors import configure_logging, entry_point
+from run_metrics import METRIC_KEYS
 
 log = logging.getLogger("loranotes.collect_metrics")
 
-SETTINGS_COLUMNS = ["variant", "seed", "title", "model", "quantization", "lora_r", "lora_targets"]
+SETTING_COLUMNS = ["variant", "seed", "title", "model", "quantization", "lora_r", "lora_targets"]
 
 
 def flatten(metrics):
@@ -30,7 +31,11 @@ def flatten(metrics):
 
 def collect(runs, metrics_paths):
     """runs: [{"variant": resolved variant, "seed": N}] in config order; metrics_paths: their
-    metrics.json files, in the same order."""
+    metrics.json files, in the same order.
+
+    Columns: the run's settings, then METRIC_KEYS in order (a key a file lacks, from an older
+    train.py, is empty), then every other key a file has (nested records flattened as
+    `provenance.<key>`, keys written by other code): nothing is dropped."""
     rows = []
     for run, path in zip(runs, metrics_paths, strict=True):
         variant = run["variant"]
@@ -46,9 +51,11 @@ def collect(runs, metrics_paths):
             "lora_targets": ",".join(variant["lora"]["target_modules"]),
             **flatten(metrics),
         })
-    columns = list(SETTINGS_COLUMNS)
-    for row in rows:  # every key any run wrote, in the order written
-        columns += [key for key in row if key not in columns]
+    written = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(SETTING_COLUMNS)
+    for key in METRIC_KEYS:  # a record (provenance) in place of its key, as flattened
+        columns += [column for column in written if column.startswith(f"{key}.")] or [key]
+    columns += [column for column in written if column not in columns]
     return pd.DataFrame(rows, columns=columns)
 
 

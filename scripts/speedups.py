@@ -1,34 +1,35 @@
-"""The trainer's speed features, each behind a `training:` option and measured in bench/speed.py.
+"""The trainer's model set-up: the base model loaded, its speed features applied, LoRA attached.
+Each feature is behind a `training:` option and measured in bench/speed.py; load_for_training
+returns the model and a frozen record of what is on (Speedups).
 
 - fused_kernels: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE, and its fused linear
-  cross-entropy, which computes the loss chunk by chunk from the last hidden states and never
-  holds the batch x length x vocabulary logits.
-- gradient_checkpointing: auto: recompute only as much as the memory budget requires, measured
-  on the run's largest batch before training: compiled layers recompute their cheapest
-  activations (plan_activation_memory), uncompiled ones whole layers (plan_checkpointing).
-- packing (see train.pack): on CUDA, attention over the packed conversations runs as
+  cross-entropy (step.fused_token_loss_sums), which computes the loss chunk by chunk from the
+  last hidden states and never holds the batch x length x vocabulary logits.
+- packing (see batches.pack): on CUDA, attention over the packed conversations runs as
   variable-length flash attention, which computes no score between two conversations.
 - compile: torch.compile of each decoder layer, LoRA included: fewer kernels and far less Python
   per step (the uncompiled trainer leaves the GPU waiting for the CPU). Under a memory budget it
-  recomputes the cheapest activations in backward rather than whole layers.
+  recomputes the cheapest activations in backward rather than whole layers (memory_plan.py).
 - mixed precision: LoRA weights stay float32 for the optimizer; on CUDA their matmuls run in
   bf16 under autocast, without the float32 copy of every adapter input that peft makes otherwise.
-
-Also the numbers behind MFU: matmul FLOPs per token, attention FLOPs per sequence and the
-card's measured bf16 matmul rate.
+- gradient_checkpointing: the checkpointing machinery is attached with LoRA where the memory
+  policy may checkpoint layers; memory_plan.py decides how many once the model is set up.
 """
 
-import contextlib
+import functools
 import importlib.util
 import inspect
 import logging
-import math
-import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
-from chat_format import IGNORE_INDEX
 from errors import LoranotesError
+from memory_plan import NONE, decoder_layers, enable_checkpointing, memory_policy
+from model_sources import lora_layer_names_of, target_modules_problem
+from modeling import load_base_model
+from step import StepOptions, TrainingError, can_fuse_loss
 
 log = logging.getLogger("loranotes.train")
 
@@ -40,6 +41,114 @@ VARLEN_ATTENTION = "loranotes_varlen"
 
 class SpeedupError(LoranotesError):
     """A speed option that this machine or model cannot honour."""
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """Choices below the training settings. The defaults are what the pipeline runs; bench/
+    passes others to measure what each one is worth."""
+    compile_layers: Callable | None = None  # None: compile_decoder_layers
+    recompute_in_compiled_layers: bool = True  # False: compiled layers checkpointed whole
+    varlen_attention: bool = True  # False: packed batches through SDPA's block-diagonal mask
+    varlen_kernel: Callable | None = None  # None: torch's varlen_attn
+    bf16_autocast: bool = True  # False: float32 LoRA matmuls and peft's input casts on CUDA
+
+    def layer_compiler(self):
+        return self.compile_layers or compile_decoder_layers
+
+    def attention_kernel(self):
+        return self.varlen_kernel or _torch_varlen_attn()
+
+
+@dataclass(frozen=True)
+class Speedups:
+    """What a run has on: decided once (decide_speedups), applied by load_for_training."""
+    fused_loss: bool
+    fused_kernels: bool  # Liger's layer kernels (uncompiled runs; compiled ones get torch's)
+    varlen_attention: bool
+    compiled: bool
+    bf16_autocast: bool
+    memory_policy: str  # one of memory_plan's policies
+    compile_layers: str | None = None  # the function that compiled the layers
+    attention_kernel: str | None = None  # the kernel that packed batches' attention runs in
+
+    @property
+    def step_options(self):
+        return StepOptions(fused_loss=self.fused_loss, bf16_autocast=self.bf16_autocast)
+
+    def metrics(self):
+        """The record's part of metrics.json."""
+        return {"fused_loss": self.fused_loss, "fused_kernels": self.fused_kernels,
+                "varlen_attention": self.varlen_attention, "compiled": self.compiled}
+
+
+def decide_speedups(training, model_type, device, options=TrainerOptions(), varlen_available=None):
+    """Which speed features a run with these `training` settings has on `device`.
+    `varlen_available`: whether variable-length flash attention runs there (None: ask it)."""
+    cuda = device.type == "cuda"
+    fused = use_fused_kernels(training["fused_kernels"], model_type, device)
+    compiled = training["compile"] and cuda
+    if varlen_available is None:
+        varlen_available = varlen_attention_available(device)
+    varlen = training["packing"] and options.varlen_attention and varlen_available
+    return Speedups(
+        fused_loss=fused,  # load_for_training turns it off again for LoRA on lm_head
+        # Compiled layers get their norms, RoPE and SwiGLU fused by torch.compile;
+        # Liger's layer kernels are for uncompiled runs.
+        fused_kernels=fused and not compiled,
+        varlen_attention=varlen,
+        compiled=compiled,
+        bf16_autocast=cuda and options.bf16_autocast,
+        memory_policy=memory_policy(training["gradient_checkpointing"], cuda, compiled,
+                                    options.recompute_in_compiled_layers),
+        compile_layers=options.layer_compiler().__name__ if compiled else None,
+        attention_kernel=options.attention_kernel().__name__ if varlen else None,
+    )
+
+
+def load_for_training(model_path, quantization, lora, training, device, trust_remote_code=False,
+                      options=TrainerOptions()):
+    """The base model with the run's speed features applied and LoRA attached, in train mode.
+    Returns it and the Speedups record of what is on."""
+    model = load_base_model(model_path, quantization, device, trust_remote_code)
+    # The config check knows only architectures it can build offline; this covers hub models.
+    problem = target_modules_problem(lora["target_modules"], lora_layer_names_of(model), model_path)
+    if problem:
+        raise TrainingError(f"lora.target_modules: {problem}")
+    setup = decide_speedups(training, model.config.model_type, device, options)
+    if setup.fused_kernels:
+        apply_fused_kernels(model)
+    if setup.varlen_attention:
+        use_varlen_attention(model, options.attention_kernel())
+    model = attach_lora(model, lora, gradient_checkpointing=setup.memory_policy != NONE)
+    if setup.bf16_autocast:
+        keep_adapter_inputs_bf16(model)
+    if setup.compiled:
+        options.layer_compiler()(model)
+    model.train()  # transformers 5 loads in eval mode; dropout and checkpointing need train mode
+    if setup.fused_loss and not can_fuse_loss(model):
+        log.info("fused loss off: LoRA on lm_head needs the plain loss")
+        setup = replace(setup, fused_loss=False)
+    return model, setup
+
+
+def attach_lora(model, lora, gradient_checkpointing):
+    """LoRA adapters on the frozen model; checkpointing enabled on every decoder layer (the
+    memory plan then keeps some layers' activations).
+
+    Not peft's prepare_model_for_kbit_training: it casts the norms (and embeddings) of a 4-bit
+    model to float32, which turns every activation after them float32 too: twice the activation
+    memory and float32 attention (measured in bench/speed.py).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    config = LoraConfig(
+        r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"], task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
 
 
 # --- fused kernels (Liger) -----------------------------------------------------------------------
@@ -65,7 +174,7 @@ def use_fused_kernels(setting, model_type, device):
 
 def apply_fused_kernels(model):
     """Swap this model's RMSNorm, SwiGLU MLP and RoPE for Liger's kernels (the loss is fused
-    separately, in fused_token_loss_sums). Call before attaching LoRA.
+    separately, in step.fused_token_loss_sums). Call before attaching LoRA.
 
     Liger patches transformers' modeling module itself (RoPE is a module-level function), so
     every model of this architecture built later in the process gets the kernels too: the
@@ -83,7 +192,7 @@ def compile_decoder_layers(model):
     """torch.compile each decoder layer whole, LoRA included: norms, attention, MLP and residual
     adds become one graph of fused kernels with far less Python per step, and one graph in which
     torch.compile can recompute cheap activations in backward instead of keeping them
-    (set_activation_memory_kept). The layers share that graph. The checkpointing wrapper
+    (memory_plan.set_activation_memory_kept). The layers share that graph. The checkpointing wrapper
     (transformers' GradientCheckpointingLayer.__call__) stays outside it, so checkpointing
     still applies per layer."""
     import torch._dynamo
@@ -94,38 +203,12 @@ def compile_decoder_layers(model):
         layer.compile(dynamic=None)
 
 
-def can_fuse_loss(model):
-    """Whether the output layer is a plain linear map the fused loss can read. With LoRA on
-    lm_head (lora.target_modules) it is not: the fused loss would skip the adapter."""
-    head = model.get_base_model().get_output_embeddings()
-    return type(head) is torch.nn.Linear
-
-
-def fused_token_loss_sums(model, inputs, labels):
-    """token_loss_sums without logits: the decoder's last hidden states go through Liger's fused
-    linear cross-entropy, chunk by chunk, with the gradient computed in the forward pass."""
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    causal_lm = model.get_base_model()  # the transformers model inside peft
-    decoder = getattr(causal_lm, causal_lm.base_model_prefix)
-    hidden = decoder(**inputs).last_hidden_state
-    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    loss_fn = LigerFusedLinearCrossEntropyLoss(
-        ignore_index=IGNORE_INDEX, reduction="sum", return_predicted_tokens=True
-    )
-    head = causal_lm.get_output_embeddings().weight
-    out = loss_fn(head, hidden.view(-1, hidden.size(-1)), targets.view(-1))
-    mask = targets != IGNORE_INDEX
-    correct = ((out.predicted_tokens.view_as(targets) == targets) & mask).sum()
-    return out.loss, correct, mask.sum()
-
-
 # --- mixed precision -----------------------------------------------------------------------------
 
 def keep_adapter_inputs_bf16(model):
     """Stop peft from casting each adapter's input to the adapter's dtype (float32): on a bf16
     model that is a float32 copy of the input of every one of the 7 projections in every layer,
-    kept for backward. lora_mixed_precision casts the (tiny) adapter weights instead."""
+    kept for backward. step.bf16_autocast casts the (tiny) adapter weights instead."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
@@ -133,194 +216,34 @@ def keep_adapter_inputs_bf16(model):
             module.cast_input_dtype_enabled = False
 
 
-def lora_mixed_precision(device):
-    """float32 LoRA weights for the optimizer, bf16 LoRA matmuls: autocast on CUDA."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
-
-
-# --- gradient checkpointing policy ---------------------------------------------------------------
-
-def decoder_layers(model):
-    """The model's decoder layers, the units that gradient checkpointing recomputes."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-
-def enable_checkpointing(model):
-    # Non-reentrant checkpointing needs no requires_grad on the inputs and allows checkpointing
-    # some layers and not others.
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def checkpoint_layers(model, count):
-    """Checkpoint the first `count` decoder layers, keep the activations of the others."""
-    layers = decoder_layers(model)
-    for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = index < count
-    return len(layers)
-
-
-def layers_to_checkpoint(layer_count, peak_all_gb, extra_per_layer_gb, budget_gb):
-    """Fewest checkpointed layers whose predicted peak fits the budget.
-
-    Peak memory grows linearly with the number of layers that keep their activations: from
-    `peak_all_gb` (all checkpointed) by `extra_per_layer_gb` per layer kept.
-    """
-    if extra_per_layer_gb <= 0:
-        return 0
-    kept = math.floor((budget_gb - peak_all_gb) / extra_per_layer_gb)
-    return layer_count - min(layer_count, max(0, kept))
-
-
-def plan_checkpointing(model, step_peak_gb, budget_gb, probe_layers=4):
-    """Checkpoint only as many decoder layers as `budget_gb` requires; returns how many.
-
-    `step_peak_gb()` runs one forward and backward on the run's largest batch and returns the
-    peak memory it allocated. Two such probes (all layers checkpointed, then `probe_layers`
-    fewer) give the memory per kept layer; a third checks the chosen split, and each layer that
-    still overshoots is checkpointed again.
-    """
-    layer_count = checkpoint_layers(model, len(decoder_layers(model)))
-    peak_all = step_peak_gb()
-    if peak_all > budget_gb:
-        _warn_over_budget(peak_all, budget_gb)
-        return layer_count
-    probe = min(probe_layers, layer_count)
-    checkpoint_layers(model, layer_count - probe)
-    try:
-        extra = (step_peak_gb() - peak_all) / probe
-    except torch.cuda.OutOfMemoryError:
-        checkpoint_layers(model, layer_count)
-        return layer_count
-    count = layers_to_checkpoint(layer_count, peak_all, extra, budget_gb)
-    while count < layer_count:
-        checkpoint_layers(model, count)
-        if _peak_or_inf(step_peak_gb) <= budget_gb:
-            break
-        count += 1
-    checkpoint_layers(model, count)
-    log.info("gradient checkpointing: %d of %d layers (%.2f GB with all, %.3f GB per layer kept, "
-             "budget %.2f GB)", count, layer_count, peak_all, extra, budget_gb)
-    return count
-
-
-def set_activation_memory_kept(fraction):
-    """How much of a compiled layer's activations backward reads from memory, from 0 to 1:
-    torch.compile's partitioner recomputes the rest in backward, the fewest FLOPs per byte saved
-    first (pointwise ops and norms before matmuls): torch._functorch's activation_memory_budget.
-    It is read when a graph compiles, so the compiled layers are dropped here and compile again on
-    their next call. Process-wide: the pipeline trains each variant in a process of its own."""
-    import torch._dynamo
-    import torch._functorch.config
-
-    torch._functorch.config.activation_memory_budget = fraction
-    torch._dynamo.reset()
-
-
-def plan_activation_memory(model, step_peak_gb, budget_gb, tries=3):
-    """For compiled layers: keep as much of their activations as `budget_gb` allows and let
-    torch.compile recompute the rest. Returns (checkpointed layers, fraction kept).
-
-    `step_peak_gb()` runs one forward and backward on the run's largest batch and returns its
-    peak memory. Probes: everything kept; every layer checkpointed (the least memory: each layer
-    keeps only its input); then a fraction interpolated between the two, which is checked and
-    lowered while it overshoots. Each new fraction costs one compilation. Recomputing within a
-    layer beats checkpointing whole layers: the cheap ops go first, and the large matmuls only
-    as far as the budget needs.
-    """
-    layer_count = checkpoint_layers(model, 0)
-    set_activation_memory_kept(1.0)
-    peak_all_kept = _peak_or_inf(step_peak_gb)
-    if peak_all_kept <= budget_gb:
-        log.info("activation memory: all kept (%.2f GB, budget %.2f GB)", peak_all_kept, budget_gb)
-        return 0, 1.0
-    checkpoint_layers(model, layer_count)
-    peak_least = step_peak_gb()  # out of memory here: the caller says what to change
-    if peak_least > budget_gb:
-        _warn_over_budget(peak_least, budget_gb)
-        return layer_count, 1.0
-    checkpoint_layers(model, 0)
-    # Memory grows about linearly with the fraction kept: aim between the two probes.
-    fraction = 0.5 if math.isinf(peak_all_kept) else (budget_gb - peak_least) / (peak_all_kept - peak_least)
-    for _ in range(tries):
-        fraction = math.floor(fraction * 100) / 100
-        if fraction <= 0:
-            break
-        set_activation_memory_kept(fraction)
-        peak = _peak_or_inf(step_peak_gb)
-        if peak <= budget_gb:
-            log.info("activation memory: %.0f%% kept, the rest recomputed (%.2f GB; %.2f GB with "
-                     "all kept, %.2f GB with every layer checkpointed; budget %.2f GB)",
-                     100 * fraction, peak, peak_all_kept, peak_least, budget_gb)
-            return 0, fraction
-        fraction = fraction / 2 if math.isinf(peak) else 0.95 * fraction * (budget_gb - peak_least) / (peak - peak_least)
-    set_activation_memory_kept(1.0)  # every layer checkpointed, measured to fit
-    checkpoint_layers(model, layer_count)
-    log.info("activation memory: every layer checkpointed (%.2f GB, budget %.2f GB)", peak_least, budget_gb)
-    return layer_count, 1.0
-
-
-def _peak_or_inf(step_peak_gb):
-    """A probe's peak; a probe that runs out of memory is simply over any budget."""
-    try:
-        return step_peak_gb()
-    except torch.cuda.OutOfMemoryError:
-        return math.inf
-
-
-def _warn_over_budget(peak_gb, budget_gb):
-    log.warning("even with every layer checkpointed a step peaks at %.2f GB, over the "
-                "%.2f GB budget (training.memory_budget_gb)", peak_gb, budget_gb)
-
-
-def default_memory_budget_gb(device):
-    """What this process holds plus 90% of what is free on the card: the rest is left to the
-    allocator's fragmentation, the CUDA context's growth and other processes."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return (torch.cuda.memory_allocated(device) + 0.9 * free) / 1e9
-
-
 # --- variable-length attention for packed batches -----------------------------------------------
 
 def varlen_attention_available(device):
     """torch >= 2.10 and a GPU its flash kernels run on (compute capability 8.0 or later)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        _torch_varlen_attn()
     except ImportError:
         return False
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def use_varlen_attention(model):
-    """Route this model's attention through varlen_attention (packed batches get flash
-    attention per conversation; other batches the usual SDPA)."""
+def use_varlen_attention(model, varlen_kernel=None):
+    """Route this model's attention through varlen_attention: packed batches get flash attention
+    per conversation, in `varlen_kernel` (torch's varlen_attn by default), other batches the
+    usual SDPA."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+    attention = functools.partial(varlen_attention, varlen_kernel=varlen_kernel or _torch_varlen_attn())
+    AttentionInterface.register(VARLEN_ATTENTION, attention)
     AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
     model.set_attn_implementation(VARLEN_ATTENTION)
 
 
-def packed_sequence_bounds(lengths, device):
-    """What variable-length attention needs for conversations of `lengths` packed in one row:
-    cumulative offsets (int32, on the device) and the longest length."""
-    offsets = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
-    # transformers' names for these (its flash-attention kwargs); other attention ignores them
-    return {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets,
-            "max_length_q": max(lengths), "max_length_k": max(lengths)}
-
-
-def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
+                     varlen_kernel, **kwargs):
     """transformers' attention interface: flash attention per packed conversation when the batch
-    carries `cu_seq_lens_q` (train.pack), SDPA with the mask otherwise (padded batches, eval)."""
+    carries `cu_seq_lens_q` (batches.pack), SDPA with the mask otherwise (padded batches, eval)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     bounds = kwargs.get("cu_seq_lens_q")
@@ -330,14 +253,18 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if bounds is None or unsupported:
         return sdpa_attention_forward(module, query, key, value, attention_mask,
                                       scaling=scaling, dropout=dropout, **kwargs)
-    from torch.nn.attention.varlen import varlen_attn
-
     # (1, heads, tokens, dim) -> (tokens, heads, dim)
     query, key, value = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
     max_length = kwargs["max_length_q"]
-    out = varlen_attn(query, key, value, bounds, bounds, max_length, max_length,
-                      scale=scaling, **_VARLEN_OPTIONS)
+    out = varlen_kernel(query, key, value, bounds, bounds, max_length, max_length,
+                        scale=scaling, **_VARLEN_OPTIONS)
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), no attention weights
+
+
+def _torch_varlen_attn():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
 
 
 def _varlen_options():
@@ -359,38 +286,3 @@ def _varlen_options():
 _VARLEN_OPTIONS = _varlen_options()
 
 
-# --- MFU -----------------------------------------------------------------------------------------
-
-def flops_per_token(model):
-    """4 x the parameters of the model's matmuls (lm_head included, embeddings and LoRA not):
-    2N forward and 2N for the input gradients in backward. Frozen weights get no weight
-    gradient, recomputation is not useful work; attention is counted by attention_flops."""
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "lora_" not in name:
-            total += module.in_features * module.out_features  # 4-bit weights are packed
-    return 4 * total
-
-
-def attention_flops(config, lengths):
-    """Causal attention's FLOPs, forward and backward, for sequences of `lengths` tokens (not in
-    flops_per_token: they grow with the length). Per layer and sequence of L tokens, with
-    d = heads x head dim: Q K^T and P V take L^2 d each over the causal half, backward twice
-    the forward, so 6 L^2 d. Recomputation inside the kernel is not counted."""
-    width = config.num_attention_heads * (getattr(config, "head_dim", None)
-                                          or config.hidden_size // config.num_attention_heads)
-    return 6 * config.num_hidden_layers * width * sum(length * length for length in lengths)
-
-
-def bf16_matmul_tflops(device, size=8192, repeats=10):
-    """The card's bf16 matmul rate, measured: the denominator of MFU."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12

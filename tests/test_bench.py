@@ -1,17 +1,23 @@
-"""bench/speed.py's workloads and trainer configurations, on the CPU: what a GPU call would run
-must at least build and train, so a device call is not lost to a typo."""
+"""The bench's workloads and trainer configurations (bench/workloads.py, bench/trainers.py), on
+the CPU: what a GPU call would run must at least build and train, so a device call is not lost
+to a typo; and each configuration must change what a GPU run has on, the way its name says."""
 
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import REPO
+from experiment_config import TRAINING_DEFAULTS
+from speedups import decide_speedups
 
 sys.path.insert(0, str(REPO / "bench"))
 import profile_step  # noqa: E402
 import speed  # noqa: E402
+import trainers  # noqa: E402
+import workloads  # noqa: E402
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
@@ -25,15 +31,10 @@ def tiny_model_dir(tmp_path_factory):
     return str(directory)
 
 
-@pytest.fixture(autouse=True)
-def on_cpu(monkeypatch):
-    monkeypatch.setattr(speed, "DEVICE", "cpu")
-
-
 def test_ultrachat_workload_gives_every_run_the_same_conversations(shared_fixtures):
-    lengths = speed.conversation_lengths(shared_fixtures / "ultrachat_sample.jsonl", 1024)
+    lengths = workloads.conversation_lengths(shared_fixtures / "ultrachat_sample.jsonl", 1024)
     assert len(lengths) > 100 and max(lengths) <= 1024 and min(lengths) >= 8
-    batches = speed.ultrachat_batches(97, 4, lengths, count=5, batch_tokens=4096)
+    batches = workloads.ultrachat_batches(97, 4, lengths, count=5, batch_tokens=4096, device="cpu")
     for padded, packed in zip(batches["padded"], batches["packed"]):
         real = padded["attention_mask"].sum(1).tolist()
         assert packed["input_ids"].numel() == sum(real)  # packing drops exactly the padding
@@ -45,21 +46,70 @@ def test_ultrachat_workload_gives_every_run_the_same_conversations(shared_fixtur
 
 
 CONFIGURATIONS = {
-    "trainer": {},
-    **speed.ABLATIONS["fixed"],
-    **speed.ABLATIONS["ultrachat"],
-    **{f"profile: {name}": options for name, (options, _) in profile_step.VARIATIONS.items()},
+    "trainer": trainers.Configuration(),
+    **trainers.ABLATIONS["fixed"],
+    **trainers.ABLATIONS["ultrachat"],
+    **{f"profile: {name}": configuration for name, configuration in profile_step.VARIATIONS.items()},
 }
 
 
-@pytest.mark.parametrize("options", CONFIGURATIONS.values(), ids=CONFIGURATIONS)
-def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, options):
-    batches = speed.fixed_batches(97, 2, 16)
-    batch = batches["packed" if options.get("packing", True) else "padded"][0]
-    model, step, used = speed.trainer_model(tiny_model_dir, "none", options, batch, None)
-    losses = [step(batch) for _ in range(2)]
-    assert all(torch.isfinite(torch.tensor(losses)))
-    assert used["checkpointed"] == (2 if options.get("gradient_checkpointing") is True else 0)
+@pytest.mark.parametrize("configuration", CONFIGURATIONS.values(), ids=CONFIGURATIONS)
+def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, configuration):
+    batches = workloads.fixed_batches(97, 2, 16, device="cpu")
+    batch = batches["packed" if configuration.training.get("packing", True) else "padded"][0]
+    model, setup, memory = trainers.trainer_model(tiny_model_dir, "none", configuration, batch, None,
+                                               device="cpu")
+    result = speed.measure(model, setup.step_options, [batch], steps=2, warmup=0)
+    assert all(torch.isfinite(torch.tensor(result["losses"])))
+    checkpointed = configuration.training.get("gradient_checkpointing") is True
+    assert memory.gradient_checkpointing_layers == (2 if checkpointed else 0)
+
+
+# What each configuration changes in a GPU run's speedups.Speedups record, next to the default
+# trainer's (compiled layers with recomputation, fused loss, variable-length flash attention).
+NOT_COMPILED = {"compiled": False, "compile_layers": None}
+LIGER_INSTEAD = {**NOT_COMPILED, "fused_kernels": True}
+NO_VARLEN = {"varlen_attention": False, "attention_kernel": None}
+ON_A_GPU = {
+    "trainer": {},
+    "precision fixes only (no fused kernels, all layers checkpointed)":
+        {**NOT_COMPILED, "fused_loss": False, "memory_policy": "every layer"},
+    "not compiled (Liger's kernels instead)": {**LIGER_INSTEAD, "memory_policy": "whole layers"},
+    "each layer's attention and MLP compiled separately (norms and residual adds eager)":
+        {"compile_layers": "compile_attention_and_mlp"},
+    "whole layers checkpointed instead of recomputation inside the compiled layers":
+        {"memory_policy": "whole layers"},
+    "copies of each key head for grouped-query attention (repeat_interleave)":
+        {"attention_kernel": "varlen_attn_with_copied_key_heads"},
+    "no checkpointing (memory not limited)": {"memory_policy": "none"},
+    "packed, SDPA block mask instead of variable-length attention": NO_VARLEN,
+    "padded batches (packing off)": NO_VARLEN,
+    "batches of up to 4 x 1024 tokens (training.batch_tokens: 4096)": {},  # other batches
+    "profile: trainer (compiled), all layers checkpointed": {"memory_policy": "every layer"},
+    "profile: no fused kernels, not compiled":
+        {**NOT_COMPILED, "fused_loss": False, "memory_policy": "every layer"},
+    "profile: trainer not compiled (Liger's layer kernels), all layers checkpointed":
+        {**LIGER_INSTEAD, "memory_policy": "every layer"},
+    "profile: not compiled, no autocast (float32 adapters, peft's casts)":
+        {**LIGER_INSTEAD, "memory_policy": "every layer", "bf16_autocast": False},
+    "profile: not compiled, padded batch (SDPA, no varlen)":
+        {**LIGER_INSTEAD, **NO_VARLEN, "memory_policy": "every layer"},
+}
+
+
+@pytest.mark.parametrize("name", CONFIGURATIONS)
+def test_each_configuration_runs_its_alternative_on_a_gpu(name):
+    """The compiled, fused and variable-length paths need a GPU; on one (its kind given here,
+    so nothing runs) the set-up chooses exactly what the configuration's name says."""
+    def on_a_gpu(configuration):
+        training = {**TRAINING_DEFAULTS, **configuration.training}
+        chosen = decide_speedups(training, "llama", torch.device("cuda"), configuration.options,
+                                 varlen_available=True)
+        return asdict(chosen)
+
+    default, chosen = on_a_gpu(trainers.Configuration()), on_a_gpu(CONFIGURATIONS[name])
+    assert default["compiled"] and default["fused_loss"] and default["varlen_attention"]
+    assert {key: value for key, value in chosen.items() if value != default[key]} == ON_A_GPU[name]
 
 
 def test_attention_and_mlp_compile_ablation_trains_like_eager(monkeypatch):
@@ -68,8 +118,9 @@ def test_attention_and_mlp_compile_ablation_trains_like_eager(monkeypatch):
     import torch._dynamo
 
     from test_speedups import LORA, assert_same, examples, loss_and_grads, tiny_model
-    from speedups import checkpoint_layers
-    from train import attach_lora, pack
+    from batches import pack
+    from memory_plan import checkpoint_layers
+    from speedups import attach_lora
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -78,7 +129,7 @@ def test_attention_and_mlp_compile_ablation_trains_like_eager(monkeypatch):
     checkpoint_layers(model, 1)
     batch = pack(examples(), pad_id=0, device="cpu")
     eager = loss_and_grads(model, batch)
-    speed.compile_attention_and_mlp(model)
+    trainers.compile_attention_and_mlp(model)
     monkeypatch.setattr(torch._dynamo.config, "suppress_errors", False)  # it must fail here
     try:
         assert_same(loss_and_grads(model, batch), eager)
@@ -96,6 +147,6 @@ def test_repeated_key_heads_ablation_computes_the_same_attention():
     key, value = torch.randn(2, 10, 2, 8, generator=generator)
     bounds = torch.tensor([0, 4, 10], dtype=torch.int32)
     native = reference_varlen_attn(query, key, value, bounds, bounds, 6, 6, enable_gqa=True, is_causal=True)
-    copied = speed.repeat_key_heads(reference_varlen_attn)(query, key, value, bounds, bounds, 6, 6,
+    copied = trainers.repeat_key_heads(reference_varlen_attn)(query, key, value, bounds, bounds, 6, 6,
                                                             enable_gqa=True, is_causal=True)
     assert torch.allclose(native, copied, atol=1e-6)

@@ -13,7 +13,9 @@ from chat_format import PromptFormat, tokenize_conversation
 from modeling import load_base_model, load_tokenizer
 from prepare_data import load_rows, prepare
 from tokenize_data import tokenize_split
-from train import evaluate, read_tokenized, train
+from batches import read_tokenized
+from step import evaluate
+from train import train
 from util import labelled_runs
 from experiment_config import LORA_DEFAULTS, TRAINING_DEFAULTS
 
@@ -86,6 +88,6 @@ def test_lora_lowers_the_eval_loss_of_a_real_model(tmp_path, stories, tokenized,
     model = PeftModel.from_pretrained(load_base_model(str(stories), quantization, device),
                                       tmp_path / "adapter")
     tokenizer = load_tokenizer(stories)
-    reloaded, _ = evaluate(model, read_tokenized(tokenized / "eval.parquet"),
-                           TRAINING["eval_batch_size"], tokenizer.pad_token_id, device)
-    assert reloaded == pytest.approx(metrics["eval_loss_after"], rel=1e-3)
+    reloaded = evaluate(model, read_tokenized(tokenized / "eval.parquet"),
+                        TRAINING["eval_batch_size"], tokenizer.pad_token_id, device)
+    assert reloaded.loss == pytest.approx(metrics["eval_loss_after"], rel=1e-3)

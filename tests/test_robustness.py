@@ -9,6 +9,7 @@
 Everything runs on a tiny config (2 variants, 4 steps) or on a model built in-process.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from conftest import REPO, copy_workflow, run_snakemake
 from errors import LoranotesError
 from model_sources import ModelError
 from modeling import load_base_model, load_tokenizer
+from resume import latest_checkpoint
 from prepare_data import main as prepare_data_main
 from render_report import fence
 from tokenize_data import tokenize_split
@@ -267,23 +269,58 @@ def test_model_problems_are_one_line_with_cause_and_fix(tiny_model, tmp_path, mo
 # ---------------------------------------------------------------------------------------------
 # 2. Training never wasted
 
-def test_nan_loss_stops_the_variant_with_its_step_and_keeps_the_checkpoint(
-    tiny_model, tmp_path, monkeypatch
-):
-    token_loss_sums, training_calls = train.token_loss_sums, []
+@contextlib.contextmanager
+def after_training_forward(action):
+    """Calls action(n, output) after the n-th forward pass of a LoRA model with gradients on
+    (a training micro-batch, not evaluation), through torch's global module hooks; a result
+    other than None replaces the model's output."""
+    from peft import PeftModel
 
-    def nan_at_step_3(logits, labels):
-        loss, correct, count = token_loss_sums(logits, labels)
-        if torch.is_grad_enabled():  # a training micro-batch, not evaluation
-            training_calls.append(1)
-            if len(training_calls) == 3:
-                loss = loss * float("nan")
-        return loss, correct, count
+    calls = []
 
-    monkeypatch.setattr(train, "token_loss_sums", nan_at_step_3)
+    def hook(module, args, output):
+        if isinstance(module, PeftModel) and torch.is_grad_enabled():
+            calls.append(1)
+            return action(len(calls), output)
+        return None
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def counted_evaluations():
+    """The evaluations of the held-out split while inside (one list item per evaluation of
+    an eval split of one batch): forward passes of a LoRA model without gradients."""
+    from peft import PeftModel
+
+    calls = []
+
+    def hook(module, args, output):
+        if isinstance(module, PeftModel) and not torch.is_grad_enabled():
+            calls.append(1)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def test_nan_loss_stops_the_variant_with_its_step_and_keeps_the_checkpoint(tiny_model, tmp_path):
+    def nan_at_step_3(call, output):
+        if call == 3:
+            output.logits = output.logits * float("nan")
+            return output
+        return None
+
     args = train_args(tiny_model, tmp_path / "out", tmp_path / "checkpoints",
                       grad_accum=1, checkpoint_every=2)
-    with pytest.raises(train.TrainingError, match=r"^loss is nan at step 3; .*training.lr"):
+    with after_training_forward(nan_at_step_3), \
+            pytest.raises(train.TrainingError, match=r"^loss is nan at step 3; .*training.lr"):
         train.train(**args)
     assert not (tmp_path / "out" / "adapter").exists()
     assert not (tmp_path / "out" / "metrics.json").exists()
@@ -291,23 +328,23 @@ def test_nan_loss_stops_the_variant_with_its_step_and_keeps_the_checkpoint(
 
 
 # Runs train.train(**json args) in a fresh process that stops making progress right after the
-# checkpoint of step `stall_after` is written, for the test to kill it mid-run.
+# checkpoint of step `stall_after` is written (its next training forward pass waits), for the
+# test to kill it mid-run.
 TRAIN_PROGRAM = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)  # the reduction order of the uninterrupted run's
 import train
 
 args, stall_after = json.loads(sys.argv[2]), int(sys.argv[3])
-save_checkpoint = train.save_checkpoint
+checkpoint = os.path.join(args["checkpoint_dir"], f"step-{stall_after}")
 
-def save_then_stall(*checkpoint):
-    save_checkpoint(*checkpoint)
-    if checkpoint[-1]["step"] == stall_after:
-        train.forward_backward = lambda *step: time.sleep(3600)
+def stall_once_checkpointed(module, inputs):
+    if torch.is_grad_enabled() and os.path.exists(checkpoint):
+        time.sleep(3600)
 
-train.save_checkpoint = save_then_stall
+torch.nn.modules.module.register_module_forward_pre_hook(stall_once_checkpointed)
 train.train(**args)
 """
 
@@ -323,12 +360,12 @@ def one_thread():
 def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted_one(
     tiny_model, tmp_path, one_thread, caplog
 ):
-    args = train_args(tiny_model, tmp_path / "killed", tmp_path / "checkpoints")
+    args = train_args(tiny_model, tmp_path / "killed", tmp_path / "checkpoints", eval_every=5)
     killed = subprocess.Popen(
         [sys.executable, "-c", TRAIN_PROGRAM, str(REPO / "scripts"), json.dumps(args), "8"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    expected = train.train(**train_args(tiny_model, tmp_path / "uninterrupted"))  # meanwhile
+    expected = train.train(**train_args(tiny_model, tmp_path / "uninterrupted", eval_every=5))
     checkpoint, older = tmp_path / "checkpoints" / "step-8", tmp_path / "checkpoints" / "step-4"
     deadline = time.monotonic() + 120
     while (not checkpoint.exists() or older.exists()) and killed.poll() is None \
@@ -342,15 +379,18 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert not (tmp_path / "killed" / "metrics.json").exists()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-8"]
 
-    with caplog.at_level("INFO", logger="loranotes.train"):
+    with caplog.at_level("INFO", logger="loranotes.train"), counted_evaluations() as evaluations:
         resumed = train.train(**args)  # the rerun: everything it knows comes from the checkpoint
     assert f"resuming from {checkpoint}: 8 of 12 steps done" in caplog.messages
+    assert len(evaluations) == 2  # steps 10 and 12; before training and step 5: from the checkpoint
 
-    columns = ["step", "loss", "token_accuracy", "lr", "grad_norm"]
+    columns = ["step", "loss", "token_accuracy", "lr", "grad_norm", "eval_loss", "eval_accuracy"]
     resumed_log = pd.read_csv(tmp_path / "killed" / "train_log.csv")[columns]
     expected_log = pd.read_csv(tmp_path / "uninterrupted" / "train_log.csv")[columns]
     pd.testing.assert_frame_equal(resumed_log, expected_log, check_exact=False, rtol=0, atol=1e-6)
-    for key in ("final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss_after"):
+    assert list(resumed_log.dropna()["step"]) == [5, 10, 12]
+    for key in ("final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss_after",
+                "eval_loss_after_se", "train_examples_seen"):
         assert resumed[key] == pytest.approx(expected[key], abs=1e-6)
     assert not (tmp_path / "checkpoints").exists()  # a finished run cleans up after itself
 
@@ -360,7 +400,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     stale.mkdir(parents=True)
     (stale / "progress.json").write_text(json.dumps({"fingerprint": "other settings", "step": 4}))
     (tmp_path / "checkpoints" / "step-8.partial").mkdir()  # a write cut short: never complete
-    assert train.latest_checkpoint(tmp_path / "checkpoints", "these settings") is None
+    assert latest_checkpoint(tmp_path / "checkpoints", "these settings") is None
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -459,21 +499,14 @@ def test_errors_never_show_a_token(monkeypatch):
     assert "hf_" not in message and message.count("<redacted>") == 2
 
 
-def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(
-    tiny_model, tmp_path, monkeypatch, caplog
-):
-    forward_backward, calls = train.forward_backward, []
-
-    def out_of_memory_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(tiny_model, tmp_path, caplog):
+    def out_of_memory_at_step_3(call, output):
+        if call == 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return forward_backward(*args, **kwargs)
 
-    monkeypatch.setattr(train, "forward_backward", out_of_memory_at_step_3)
     args = train_args(tiny_model, tmp_path / "out", tmp_path / "checkpoints",
                       grad_accum=1, checkpoint_every=2, gradient_checkpointing=False)
-    with pytest.raises(train.TrainingError) as error:
+    with after_training_forward(out_of_memory_at_step_3), pytest.raises(train.TrainingError) as error:
         train.train(**args)
     message = str(error.value)
     assert message.startswith("out of GPU memory at step 3 (")
@@ -482,7 +515,6 @@ def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(
     assert "\n" not in message
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
     # with the advice taken, the rerun resumes where the checkpoint left off
-    monkeypatch.setattr(train, "forward_backward", forward_backward)
     args["training"]["gradient_checkpointing"] = True
     with caplog.at_level(logging.INFO, logger="loranotes.train"):
         metrics = train.train(**args)

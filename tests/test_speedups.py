@@ -11,20 +11,18 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from chat_format import IGNORE_INDEX
-from speedups import (
-    SpeedupError,
-    attention_flops,
+from batches import collate, pack
+from memory_plan import (
     checkpoint_layers,
     decoder_layers,
     enable_checkpointing,
-    flops_per_token,
     layers_to_checkpoint,
     plan_activation_memory,
     plan_checkpointing,
-    use_fused_kernels,
-    use_varlen_attention,
 )
-from train import attach_lora, collate, forward_backward, pack
+from run_metrics import attention_flops, flops_per_token
+from speedups import SpeedupError, attach_lora, use_fused_kernels, use_varlen_attention
+from step import StepOptions, forward_backward
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
@@ -224,18 +222,21 @@ def reference_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, s
     return torch.cat(outputs)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
-def test_packed_varlen_attention_equals_padded_batches(monkeypatch, kv_heads):
-    import torch.nn.attention.varlen as varlen
+def counted(kernel, calls):
+    """`kernel`, counting its calls in `calls`."""
+    def counting_kernel(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+    return counting_kernel
 
-    monkeypatch.setattr(varlen, "varlen_attn", reference_varlen_attn)
+
+@pytest.mark.parametrize("kv_heads", [4, 2])  # multi-head and grouped-query attention
+def test_packed_varlen_attention_equals_padded_batches(kv_heads):
     model = attach_lora(tiny_model(layers=2, kv_heads=kv_heads), LORA, gradient_checkpointing=False)
     model.train()
     padded = loss_and_grads(model, collate(examples(), pad_id=0, device="cpu"))
-    use_varlen_attention(model)
     calls = []
-    original = varlen.varlen_attn
-    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or original(*a, **k))
+    use_varlen_attention(model, counted(reference_varlen_attn, calls))
     packed = loss_and_grads(model, pack(examples(), pad_id=0, device="cpu"))
     assert len(calls) == 2  # one per layer: the packed batch went through varlen attention
     assert_same(packed, padded)
@@ -267,7 +268,7 @@ def lengths_of(batch):
 
 
 def test_token_budget_batches_hold_at_most_the_budget_in_order():
-    from train import token_budget_batches
+    from batches import token_budget_batches
 
     conversations = examples(lengths=(300, 500, 200, 900, 1200, 100, 100, 50))
     batches = list(token_budget_batches(conversations, 1000))
@@ -278,7 +279,7 @@ def test_token_budget_batches_hold_at_most_the_budget_in_order():
 
 
 def test_token_budget_epochs_cover_the_split_and_depend_only_on_the_seed():
-    from train import batches_forever
+    from batches import batches_forever
 
     conversations = examples(lengths=[20 + 7 * i % 90 for i in range(40)])
     run = batches_forever(conversations, batch_size=4, seed=3, batch_tokens=200)
@@ -299,7 +300,7 @@ def test_token_budget_epochs_cover_the_split_and_depend_only_on_the_seed():
 
 
 def test_the_checkpointing_probe_gets_the_largest_batch_a_run_can_see():
-    from train import largest_batch
+    from batches import largest_batch
 
     conversations = examples(lengths=(300, 500, 200, 900, 1200, 100))
     by_count = largest_batch(conversations, {"batch_size": 2, "batch_tokens": None})
@@ -309,7 +310,7 @@ def test_the_checkpointing_probe_gets_the_largest_batch_a_run_can_see():
     by_tokens = largest_batch(conversations, {"batch_size": 2, "batch_tokens": 1400})
     assert lengths_of(by_tokens) == [1200, 200]  # topped up to the budget with a cut 900
     # no batch the run can draw holds more tokens than the probe
-    from train import token_budget_batches
+    from batches import token_budget_batches
     for budget in (1300, 1400, 1500, 2500):
         probe = sum(lengths_of(largest_batch(conversations, {"batch_size": 2, "batch_tokens": budget})))
         assert probe == budget
@@ -353,7 +354,8 @@ def test_compiled_layers_train_exactly_like_eager_ones(fresh_dynamo, monkeypatch
 def test_recomputation_inside_compiled_layers_gives_the_eager_gradients(fresh_dynamo, monkeypatch):
     """gradient_checkpointing: auto on compiled layers keeps part of their activations and has
     torch.compile recompute the rest in backward: the gradients stay the eager ones."""
-    from speedups import compile_decoder_layers, set_activation_memory_kept
+    from memory_plan import set_activation_memory_kept
+    from speedups import compile_decoder_layers
 
     model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=True)
     model.train()
@@ -398,7 +400,7 @@ def test_fused_loss_equals_the_plain_loss(monkeypatch, make_batch):
     results = []
     for fused in (False, True):
         model.zero_grad(set_to_none=True)
-        loss, correct, targets, tokens = forward_backward(model, batch, fused_loss=fused)
+        loss, correct, targets, tokens = forward_backward(model, batch, StepOptions(fused_loss=fused))
         grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
         results.append(((loss, correct, targets, tokens), grads))
     assert results[1][0][1:] == results[0][0][1:]  # same correct predictions, targets, tokens
@@ -406,7 +408,7 @@ def test_fused_loss_equals_the_plain_loss(monkeypatch, make_batch):
 
 
 def test_lora_on_lm_head_keeps_the_plain_loss():
-    from speedups import can_fuse_loss
+    from step import can_fuse_loss
 
     assert can_fuse_loss(attach_lora(tiny_model(layers=1), LORA, gradient_checkpointing=False))
     with_head = {**LORA, "target_modules": [*LORA["target_modules"], "lm_head"]}
@@ -421,13 +423,10 @@ def test_fused_kernels_only_for_architectures_they_cover():
         use_fused_kernels("liger", "gemma3", cuda)
 
 
-def test_sliding_window_attention_is_left_to_sdpa(monkeypatch):
+def test_sliding_window_attention_is_left_to_sdpa():
     """varlen_attention implements plain causal attention only: a model with a sliding window
     keeps transformers' packed SDPA path, and its loss."""
-    import torch.nn.attention.varlen as varlen
-
     calls = []
-    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **k: calls.append(1) or reference_varlen_attn(*a, **k))
     config = AutoConfig.for_model(
         "mistral", vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
@@ -436,7 +435,7 @@ def test_sliding_window_attention_is_left_to_sdpa(monkeypatch):
     model = attach_lora(AutoModelForCausalLM.from_config(config), LORA, gradient_checkpointing=False)
     model.train()
     padded = loss_and_grads(model, collate(examples(), pad_id=0, device="cpu"))
-    use_varlen_attention(model)
+    use_varlen_attention(model, counted(reference_varlen_attn, calls))
     assert_same(loss_and_grads(model, pack(examples(), pad_id=0, device="cpu")), padded)
     assert not calls
 
@@ -454,10 +453,13 @@ def test_attention_flops_count_the_causal_half_forward_and_backward():
 
 
 def test_mfu_counts_matmul_and_attention_flops_of_the_timed_steps():
-    from train import WARMUP_STEPS_EXCLUDED, summarize
+    from run_metrics import WARMUP_STEPS_EXCLUDED, summarize
 
     steps = [{"step": i, "loss": 1.0, "token_accuracy": 0.5, "seconds": 0.5, "tokens": 4096,
-              "attention_flops": 1e12} for i in range(WARMUP_STEPS_EXCLUDED + 4)]
+              "conversations": 4, "attention_flops": 1e12} for i in range(WARMUP_STEPS_EXCLUDED + 4)]
     steps[0]["seconds"] = 30.0  # compilation: not timed
-    metrics = summarize(steps, (2.0, 0.1), (1.5, 0.2), {}, {"flops_per_token": 16e9, "bf16_matmul_tflops": 800.0})
+    evaluations = [{"step": step, "loss": loss, "accuracy": accuracy, "loss_se": 0.01,
+                    "target_tokens": 900, "conversations": 10}
+                   for step, loss, accuracy in ((0, 2.0, 0.1), (len(steps), 1.5, 0.2))]
+    metrics = summarize(steps, evaluations, {}, {"flops_per_token": 16e9, "bf16_matmul_tflops": 800.0})
     assert metrics["mfu"] == pytest.approx((4096 * 16e9 + 1e12) / 0.5 / 800e12)

@@ -1,10 +1,12 @@
 """The trainer's loss is the standard next-token loss on labelled (assistant) tokens only."""
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from batches import collate, pack, target_count
 from chat_format import IGNORE_INDEX
-from train import token_loss_sums
+from step import accumulate, token_loss_sums
 
 
 def tiny_model():
@@ -46,7 +48,7 @@ def test_masked_tokens_get_no_gradient_signal():
 
 
 def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
-    from train import collate, forward_backward, pack
+    from step import forward_backward
 
     model = tiny_model()
     torch.manual_seed(1)
@@ -73,3 +75,49 @@ def test_packed_batch_gives_each_conversation_the_loss_it_has_alone():
     alone = [loss_and_grads(collate([example], pad_id=0, device="cpu")) for example in examples]
     total = sum(loss * targets for loss, _, targets, _, _ in alone) / sum(t for _, _, t, _, _ in alone)
     assert abs(packed[0] - total) < 1e-5
+
+
+def uneven_conversations():
+    """8 conversations; the first four hold far fewer targets than the last four."""
+    generator = torch.Generator().manual_seed(2)
+    conversations = []
+    for index, length in enumerate((9, 6, 11, 7, 14, 10, 13, 12)):
+        ids = torch.randint(0, 97, (length,), generator=generator).tolist()
+        prompt = length - 2 if index < 4 else 2  # where the answer starts
+        conversations.append((ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+    return conversations
+
+
+@pytest.mark.parametrize("make_batch", [collate, pack])
+def test_two_micro_batches_of_4_train_like_one_batch_of_8(make_batch):
+    """training.grad_accum 2 with batch_size 4 gives the loss and LoRA gradients of one batch of
+    8: the window's summed token loss over all its targets, whatever each micro-batch holds."""
+    from speedups import attach_lora
+
+    model = attach_lora(tiny_model(), {"r": 2, "alpha": 4, "dropout": 0.0,
+                                       "target_modules": ["q_proj", "v_proj", "down_proj"]},
+                        gradient_checkpointing=False)
+    model.train()
+    torch.manual_seed(3)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, which would leave A without a gradient
+            torch.nn.init.normal_(param, std=0.5)
+    conversations = uneven_conversations()
+
+    def window_and_grads(*micro_batches):
+        model.zero_grad(set_to_none=True)
+        batches = [make_batch(examples, pad_id=0, device="cpu") for examples in micro_batches]
+        window = accumulate(model, batches)
+        assert window.targets == sum(target_count(batch) for batch in batches)  # known up front
+        return window, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    halves, halves_grads = window_and_grads(conversations[:4], conversations[4:])
+    whole, whole_grads = window_and_grads(conversations)
+    assert (halves.correct, halves.targets, halves.tokens) == (whole.correct, whole.targets, whole.tokens)
+    assert halves.loss == pytest.approx(whole.loss, abs=1e-6)
+    assert all(grad.abs().sum() > 0 for grad in whole_grads)
+    for accumulated, one_batch in zip(halves_grads, whole_grads):
+        assert torch.allclose(accumulated, one_batch, atol=1e-6)
+    # the micro-batches' mean losses, weighted equally, would not be the batch's loss
+    means = [window_and_grads(half)[0].loss for half in (conversations[:4], conversations[4:])]
+    assert abs(sum(means) / 2 - whole.loss) > 1e-3

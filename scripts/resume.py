@@ -1,0 +1,128 @@
+"""Resumable training state: every `checkpoint_every` steps the run's whole state (LoRA weights,
+optimizer, scheduler, RNG, the per-step records) goes to results/checkpoints/<variant>/step-N; a
+rerun after a crash or `kill -9` resumes from the latest one of the very same run and ends
+exactly where an uninterrupted run would.
+"""
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("loranotes.train")
+
+# Settings a run may change and still resume its checkpoint: they trade memory for speed and
+# leave the computation as it was (after running out of memory, checkpoint more and rerun).
+RESUMABLE_CHANGES = {"checkpoint_every", "gradient_checkpointing", "memory_budget_gb"}
+
+
+def run_fingerprint(model_path, quantization, training, lora, data_paths):
+    """A hash of everything that shapes the run: a checkpoint with another one is not resumed."""
+    model_dir = Path(model_path)
+    settings = {
+        "model_path": str(model_path),
+        # A rebuilt or replaced local model has new weight files: its old checkpoints are stale.
+        "model_files": [
+            (file.name, file.stat().st_size, file.stat().st_mtime_ns)
+            for file in sorted(model_dir.glob("*.safetensors"))
+        ],
+        "quantization": quantization,
+        "training": {key: value for key, value in training.items() if key not in RESUMABLE_CHANGES},
+        "lora": lora,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in data_paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def checkpoint_due(step, training):
+    every = training.get("checkpoint_every", 0)
+    return bool(every) and (step % every == 0 or step == training["steps"])
+
+
+def save_checkpoint(checkpoint_dir, model, update, progress):
+    """Write step-N into a .partial directory, rename it when complete, drop older ones.
+    `update`: the step.Update whose optimizer and scheduler resume; `progress`: JSON."""
+    checkpoint_dir = Path(checkpoint_dir)
+    final = checkpoint_dir / f"step-{progress['step']}"
+    partial = checkpoint_dir / f"step-{progress['step']}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    trainable = {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters() if param.requires_grad
+    }
+    save_file(trainable, partial / "adapter.safetensors")
+    rng = {
+        "torch": torch.get_rng_state(),  # dropout masks
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    torch.save({**update.state_dict(), "rng": rng}, partial / "optimizer.pt")
+    (partial / "progress.json").write_text(json.dumps(progress))
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for older in checkpoint_dir.glob("step-*"):
+        if older != final:
+            shutil.rmtree(older)
+
+
+def latest_checkpoint(checkpoint_dir, fingerprint):
+    """(path, progress) of the newest complete checkpoint of this very run, or None.
+
+    Checkpoints of other settings or data are deleted: resuming them would mix two runs.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    complete = sorted(checkpoint_dir.glob("step-*[0-9]"), key=lambda path: int(path.name[5:]))
+    if not complete:
+        return None
+    latest = complete[-1]
+    try:
+        progress = json.loads((latest / "progress.json").read_text())
+    except (OSError, ValueError):
+        progress = {}
+    if progress.get("fingerprint") != fingerprint:
+        log.info("ignoring %s: made with other settings or data; starting over", latest)
+        shutil.rmtree(checkpoint_dir)
+        return None
+    return latest, progress
+
+
+def restore_checkpoint(path, model, update):
+    trainable = load_file(path / "adapter.safetensors")
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param.data.copy_(trainable[name])
+    state = torch.load(path / "optimizer.pt", weights_only=True)
+    update.load_state_dict(state)
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def resume(checkpoint_dir, fingerprint, model, update, total_steps):
+    """The progress of this run's latest checkpoint, restored into `model` and `update`; None
+    when there is none to resume."""
+    checkpoint = latest_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    if not checkpoint:
+        return None
+    path, progress = checkpoint
+    restore_checkpoint(path, model, update)
+    log.info("resuming from %s: %d of %d steps done", path, len(progress["steps"]),
+             total_steps)
+    return progress
+
+
+def remove_checkpoints(checkpoint_dir):
+    """Once the outputs hold everything: the run's checkpoints, and the folders above them
+    (results/checkpoints/<variant>/, results/checkpoints/) once no other run uses them."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    parent = Path(checkpoint_dir).parent
+    for folder in (parent, parent.parent):
+        with contextlib.suppress(OSError):  # not empty: another run still has checkpoints
+            folder.rmdir()
