@@ -71,7 +71,9 @@ def percent(value, digits=1):
 
 
 def places(noise, fallback):
-    return fallback if missing(noise) else (decimals_for(noise) if decimals_for(noise) is not None else fallback)
+    """Decimals for a number with this noise (uncertainty.decimals_for), or `fallback`."""
+    decimals = None if missing(noise) else decimals_for(noise)
+    return fallback if decimals is None else decimals
 
 
 def noisy(summary, metric, fallback=4, scale=1.0, thousands=False):
@@ -82,9 +84,7 @@ def noisy(summary, metric, fallback=4, scale=1.0, thousands=False):
         return "—"
     noise = summary.get(f"{metric}_noise")
     decimals = places(None if missing(noise) else noise * scale, fallback)
-    def show(value):
-        text = f"{value * scale:,.{decimals}f}" if thousands else fixed(value * scale, decimals)
-        return text
+    show = lambda value: fixed(value * scale, decimals, thousands=thousands)  # noqa: E731
     return show(mean) if missing(sd) else f"{show(mean)} ± {show(sd)}"
 
 

@@ -27,18 +27,24 @@ def mean_sd(values):
 def decimals_for(noise):
     """Decimal places that show a number with noise `noise` honestly: the noise rounded to two
     significant digits when they start with 1 or 2 (0.025), otherwise to one (0.06), and the
-    number to the same place. None or 0 (no noise known): None."""
+    number to the same place; negative for tens, hundreds (1,533 -> -2: 1,500). None or 0 (no
+    noise known): None."""
     if noise is None or not math.isfinite(noise) or noise <= 0:
         return None
     exponent = math.floor(math.log10(noise))
     leading = noise / 10**exponent
     significant = 2 if leading < 3 else 1
-    return max(0, significant - 1 - exponent)
+    return significant - 1 - exponent
 
 
-def fixed(value, decimals, fallback=4):
-    """value with `decimals` places (fallback when the noise is unknown)."""
-    return f"{value:.{fallback if decimals is None else decimals}f}"
+def fixed(value, decimals, fallback=4, thousands=False):
+    """value to `decimals` places (fallback when the noise is unknown); negative decimals round
+    to tens, hundreds, ... ("3,300")."""
+    places = fallback if decimals is None else decimals
+    separator = "," if thousands else ""
+    if places < 0:
+        return f"{round(value, places):{separator}.0f}"
+    return f"{value:{separator}.{places}f}"
 
 
 @dataclass(frozen=True)

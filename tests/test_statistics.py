@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 import compare_variants
-from uncertainty import compare, decimals_for, mean_sd, verdict
+from uncertainty import compare, decimals_for, fixed, mean_sd, verdict
 from util import fake_snakemake
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom
@@ -76,7 +76,11 @@ def test_one_seed_each_gives_no_interval_and_says_what_to_do():
 
 
 def test_printed_precision_follows_the_noise():
-    assert [decimals_for(x) for x in (0.025, 0.06, 0.0012, 0.15, 1.5, 12, 350)] == [3, 2, 4, 2, 1, 0, 0]
+    assert [decimals_for(x) for x in (0.025, 0.06, 0.0012, 0.15, 1.5, 12, 350, 4533)] == [
+        3, 2, 4, 2, 1, 0, -2, -3]
+    assert fixed(3346.0, decimals_for(4533), thousands=True) == "3,000"
+    assert fixed(3346.0, decimals_for(1533), thousands=True) == "3,300"
+    assert fixed(2.34567, decimals_for(0.025)) == "2.346" and fixed(2.3, None) == "2.3000"
     assert decimals_for(None) is None and decimals_for(0.0) is None
     assert mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0, 3)
     assert mean_sd([5.0]) == (5.0, None, 1)

@@ -189,7 +189,8 @@ def assert_noisy_shown(text, summary, metric, what):
         shown_mean, shown_sd = text.split(" ± ")
         assert decimals(shown_mean) == decimals(shown_sd), f"{what}: {text}"
         # the spread to 1-2 significant digits, and the mean to the same decimal place
-        assert len(shown_sd.replace(".", "").lstrip("0")) <= 2, f"{what}: {text}"
+        digits = shown_sd.replace(".", "").lstrip("0") if "." in shown_sd else shown_sd.strip("0")
+        assert len(digits) <= 2, f"{what}: {text}"
         assert_shown(shown_sd, sd * scale, f"{what} sd")
     else:
         assert " ± " not in text, f"{what}: a spread shown for one seed: {text}"
