@@ -143,7 +143,7 @@ def test_report_says_which_prompt_format_each_variant_used(config, results, repo
         stats = json.loads((results / "tokenized" / tokenized / "stats.json").read_text())
         assert stats["train"]["assistant_tokens"] > 0
         heading = f"\n## {name}: {variant['title']}\n"
-        assert f"prompt format: {stats['prompt_format']};" in report.split(heading)[1].split("\n## ")[0]
+        assert f"(prompt format: {stats['prompt_format']});" in report.split(heading)[1].split("\n## ")[0]
     # tiny-llama has no chat template (like Llama-2 base): the seed format stands in.
     stats = json.loads((results / "tokenized" / "tiny-llama-L256" / "stats.json").read_text())
     assert stats["prompt_format"] == "seed format (fallback: the tokenizer has no chat template)"

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from markdown_it import MarkdownIt
 
 from chat_format import IGNORE_INDEX
+from uncertainty import decimals_for
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -157,11 +158,15 @@ def shown_number(text):
     return scale * float(text.replace(",", "")), scale * 0.5 * 10.0**-decimals * (1 + 1e-9)
 
 
-def assert_shown(text, expected, what):
+def assert_shown(text, expected, what, unit=None):
+    """`text` shows `expected`, to its decimals or, for numbers rounded to tens or more
+    ("3,300"), to `unit` (the rounding step)."""
     if text.strip() == "—":
         assert expected is None or math.isnan(expected), f"{what}: '—' shown for {expected}"
         return
     value, tolerance = shown_number(text)
+    if unit is not None and unit > 1:
+        tolerance = 0.5 * unit * (1 + 1e-9)
     assert abs(value - float(expected)) <= tolerance, f"{what}: report shows {text}, CSV has {expected}"
 
 
@@ -185,18 +190,21 @@ def assert_noisy_shown(text, summary, metric, what):
     mean, sd = summary[f"{metric}_mean"], summary[f"{metric}_sd"]
     scale = 100 if text.strip().endswith("%") else 1
     text = text.strip().removesuffix("%")
+    noise = summary.get(f"{metric}_noise")
+    places = decimals_for(noise * scale) if noise is not None and not math.isnan(noise) else None
+    unit = 10.0 ** -places if places is not None and places < 0 else None
     if summary["n_seeds"] > 1:
         shown_mean, shown_sd = text.split(" ± ")
         assert decimals(shown_mean) == decimals(shown_sd), f"{what}: {text}"
         # the spread to 1-2 significant digits, and the mean to the same decimal place
         digits = shown_sd.replace(".", "").lstrip("0") if "." in shown_sd else shown_sd.strip("0")
         assert len(digits) <= 2, f"{what}: {text}"
-        assert_shown(shown_sd, sd * scale, f"{what} sd")
+        assert_shown(shown_sd, sd * scale, f"{what} sd", unit)
     else:
         assert " ± " not in text, f"{what}: a spread shown for one seed: {text}"
         shown_mean = text
     assert_shown(shown_mean, None if mean is None or (isinstance(mean, float) and math.isnan(mean))
-                 else mean * scale, f"{what} mean")
+                 else mean * scale, f"{what} mean", unit)
 
 
 def assert_stats_table_matches(report_text, summary, runs):
