@@ -49,7 +49,8 @@ import torch.nn.attention.varlen as varlen
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import speedups  # noqa: E402
 import train  # noqa: E402
-from build_model import KNOWN_ARCHITECTURES, random_init_model  # noqa: E402
+from build_model import random_init_model  # noqa: E402
+from model_sources import KNOWN_ARCHITECTURES  # noqa: E402
 from experiment_config import TRAINING_DEFAULTS  # noqa: E402
 
 VARIANTS = {

@@ -13,6 +13,7 @@ from experiment_config import (
     resolve_config,
     validate_config,
 )  # noqa: E402
+import model_sources  # noqa: E402
 
 CONFIG_SOURCE = ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"]))
 # Like snakemake.utils.validate, but each message names the file and key and says what to do.
@@ -45,9 +46,13 @@ def dataset_files():
     return {}
 
 
+# The bundled sample's topics and the built models' pretraining text (an input: editing it reruns them).
+KNOWLEDGE_FILE = "scripts/data/knowledge.yaml"
+
+
 def is_built(model_name):
-    """True when the pipeline builds the model itself (random init) instead of loading it."""
-    return "init" in MODELS[model_name] or CONFIG["weights"] == "random"
+    """True when the pipeline builds the model itself instead of loading it."""
+    return model_sources.is_built(MODELS[model_name], CONFIG["weights"])
 
 
 def model_path(model_name):

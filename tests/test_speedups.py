@@ -444,7 +444,7 @@ def test_sliding_window_attention_is_left_to_sdpa(monkeypatch):
 def test_attention_flops_count_the_causal_half_forward_and_backward():
     """Qwen3-4B at 4 x 1024: 6 x 36 layers x (32 x 128) x 1024^2 per sequence, 0.9 GFLOP per
     token next to 16 GFLOP of matmuls. Grouped-query attention saves memory, not FLOPs."""
-    from build_model import KNOWN_ARCHITECTURES
+    from model_sources import KNOWN_ARCHITECTURES
 
     spec = dict(KNOWN_ARCHITECTURES["Qwen/Qwen3-4B"])
     config = AutoConfig.for_model(spec.pop("architecture"), **spec)
