@@ -13,6 +13,7 @@ import difflib
 
 import yaml
 
+from bundled_sample import load_knowledge, unknown_topics
 from errors import LoranotesError
 from model_sources import ModelError, lora_layer_names, local_model_problem, target_modules_problem
 
@@ -29,7 +30,7 @@ TRAINING_DEFAULTS = {
     "eval_batch_size": 8,
     "gradient_checkpointing": "auto",
     "memory_budget_gb": None,
-    "packing": True,
+    "packing": "auto",
     "batch_tokens": None,
     "fused_kernels": "auto",
     "compile": True,
@@ -43,8 +44,9 @@ LORA_DEFAULTS = {
     "dropout": 0.0,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-DATASET_DEFAULTS = {"split": "train_sft", "num_train": 800, "num_eval": 100, "seed": 0, "bundled_size": 400}
-GENERATION_DEFAULTS = {"max_new_tokens": 128}
+DATASET_DEFAULTS = {"split": "train_sft", "num_train": 800, "num_eval": 100, "seed": 0, "bundled_size": 400,
+                    "bundled_topics": "all"}
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "no_repeat_ngram_size": 0}
 MODEL_DEFAULTS = {"prompt_format": "chat_template", "trust_remote_code": False}
 
 # The settings a variant inherits from its parent, in the order the report lists changes.
@@ -149,9 +151,21 @@ def resolve_config(config, source="config.yaml"):
     config["models"] = {
         name: {**MODEL_DEFAULTS, **model} for name, model in config["models"].items()
     }
+    check_bundled_topics(config["dataset"]["bundled_topics"], source)
     config["variants"] = resolve_variants(config, source)
     check_comparisons(config, source)
     return config
+
+
+def check_bundled_topics(names, source="config.yaml"):
+    if names == "all":
+        return
+    knowledge = load_knowledge()
+    unknown = unknown_topics(knowledge, names)
+    if unknown:
+        known = ", ".join(topic["name"] for topic in knowledge["topics"])
+        raise ConfigError(f"{source}: dataset.bundled_topics: {', '.join(map(repr, unknown))} "
+                          f"not in scripts/data/knowledge.yaml; its topics: {known}")
 
 
 def resolve_variants(config, source="config.yaml"):
@@ -211,10 +225,10 @@ def resolve_variants(config, source="config.yaml"):
                 f"{source}: variants.{name}.model: '{variant['model']}' is not a model "
                 f"(models: {', '.join(config['models'])}). Fix the name or add it under `models:`."
             )
-        if variant["training"]["batch_tokens"] and not variant["training"]["packing"]:
+        if variant["training"]["batch_tokens"] and variant["training"]["packing"] is False:
             raise ConfigError(
                 f"{source}: variants.{name}.training.batch_tokens: needs training.packing: true "
-                "(a token budget counts real tokens; padded batches would go over it)"
+                "or auto (a token budget counts real tokens; padded batches would go over it)"
             )
         variant["changes"] = changes_from(parent, variant) if parent else []
         resolved[name] = variant

@@ -7,7 +7,8 @@
   on the run's largest batch before training: compiled layers recompute their cheapest
   activations (plan_activation_memory), uncompiled ones whole layers (plan_checkpointing).
 - packing (see train.pack): on CUDA, attention over the packed conversations runs as
-  variable-length flash attention, which computes no score between two conversations.
+  variable-length flash attention, which computes no score between two conversations; `auto`
+  packs on a GPU only (use_packing).
 - compile: torch.compile of each decoder layer, LoRA included: fewer kernels and far less Python
   per step (the uncompiled trainer leaves the GPU waiting for the CPU). Under a memory budget it
   recomputes the cheapest activations in backward rather than whole layers.
@@ -288,6 +289,18 @@ def default_memory_budget_gb(device):
 
 
 # --- variable-length attention for packed batches -----------------------------------------------
+
+def use_packing(setting, device, batch_tokens=None):
+    """Whether batches are packed: true/false as set; auto packs on a GPU, where the packed
+    conversations get variable-length flash attention and no compute goes to padding. On a CPU
+    auto pads, unless batch_tokens is set (a token budget counts real tokens, so it needs packed
+    batches): packed attention there is SDPA with a block-diagonal mask over one long row, and
+    packed steps of the embedded default took 1.3-1.6x as long as padded ones
+    (bench/cpu_packing.py, bench/results/)."""
+    if setting != "auto":
+        return setting
+    return device.type == "cuda" or bool(batch_tokens)
+
 
 def varlen_attention_available(device):
     """torch >= 2.10 and a GPU its flash kernels run on (compute capability 8.0 or later)."""

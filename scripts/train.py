@@ -48,6 +48,7 @@ from speedups import (
     plan_activation_memory,
     plan_checkpointing,
     use_fused_kernels,
+    use_packing,
     use_varlen_attention,
     varlen_attention_available,
 )
@@ -486,6 +487,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     random.seed(training["seed"])
     torch.manual_seed(training["seed"])
     device = pick_device(training["device"])
+    training = {**training, "packing": use_packing(training["packing"], device, training["batch_tokens"])}
     log.info("device %s, quantization %s, model %s", device, quantization, model_path)
 
     # model, tokenizer (for its pad id) and data
