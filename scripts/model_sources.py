@@ -98,7 +98,8 @@ def weights_phrase(info):
         return "random weights (capacity planning)"
     pretrain = info["pretrain"]
     return (f"pretrained by loranotes for {pretrain['steps']:,} steps on {pretrain['text']} "
-            f"({pretrain['tokens']:,} tokens, final loss {pretrain['final_loss']:.2f})")
+            f"({pretrain['text_tokens']:,} tokens, {pretrain['tokens']:,} trained on; "
+            f"final loss {pretrain['final_loss']:.2f})")
 
 
 def is_local(path):

@@ -151,8 +151,10 @@ def pretrain(model, tokenizer, documents, settings):
     tail = losses[-max(1, steps // 10):]
     return {
         "steps": steps,
-        "text": f"{TEXT} ({len(documents)} documents, {len(stream):,} tokens)",
-        "tokens": steps * settings["batch_size"] * length,
+        "text": TEXT,
+        "documents": len(documents),
+        "text_tokens": len(stream),
+        "tokens": steps * settings["batch_size"] * length,  # trained on: windows x steps
         "final_loss": sum(tail) / len(tail),  # mean of the last 10% of steps
         "seconds": time.perf_counter() - started,
         "settings": settings,

@@ -115,9 +115,10 @@ def test_the_record_says_how_the_model_was_made(built):
     assert info["built_by"] == "loranotes" and info["weights"] == "pretrained" and info["random_init"] is False
     assert info["pretrain"]["steps"] == SETTINGS["steps"]
     assert info["pretrain"]["tokens"] == SETTINGS["steps"] * SETTINGS["batch_size"] * SETTINGS["seq_length"]
-    phrase = weights_phrase(info)
-    assert phrase.startswith("pretrained by loranotes for 20 steps on the bundled knowledge table as plain text")
-    assert f"final loss {info['pretrain']['final_loss']:.2f}" in phrase
+    assert weights_phrase(info) == (
+        "pretrained by loranotes for 20 steps on the bundled knowledge table as plain text "
+        f"({info['pretrain']['text_tokens']:,} tokens, 2,560 trained on; "
+        f"final loss {info['pretrain']['final_loss']:.2f})")
     assert weights_phrase({}) is None  # a hub model: its weights are its own
 
 
@@ -174,4 +175,4 @@ def test_build_model_main_records_the_rule_inputs(knowledge, tmp_path):
         params={"model": model, "weights": "pretrained", "topics": TOPICS}))
     info = model_info(tmp_path / "model")
     # 1 copy of 2 topics' article, question page and 2 worded questions
-    assert info["pretrain"]["steps"] == 5 and "(8 documents" in info["pretrain"]["text"]
+    assert info["pretrain"]["steps"] == 5 and info["pretrain"]["documents"] == 8

@@ -22,6 +22,7 @@ from speedups import (
     plan_activation_memory,
     plan_checkpointing,
     use_fused_kernels,
+    use_packing,
     use_varlen_attention,
 )
 from train import attach_lora, collate, forward_backward, pack
@@ -461,3 +462,10 @@ def test_mfu_counts_matmul_and_attention_flops_of_the_timed_steps():
     steps[0]["seconds"] = 30.0  # compilation: not timed
     metrics = summarize(steps, (2.0, 0.1), (1.5, 0.2), {}, {"flops_per_token": 16e9, "bf16_matmul_tflops": 800.0})
     assert metrics["mfu"] == pytest.approx((4096 * 16e9 + 1e12) / 0.5 / 800e12)
+
+
+def test_packing_auto_packs_on_a_gpu_and_pads_on_a_cpu_unless_a_token_budget_needs_packing():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_packing("auto", cuda) and not use_packing("auto", cpu)
+    assert use_packing("auto", cpu, batch_tokens=4096)  # a token budget counts real tokens
+    assert use_packing(True, cpu) and not use_packing(False, cuda)  # set: as set
