@@ -131,9 +131,7 @@ def build_model(spec, texts, out_dir, seed=0, tokenizer=None, pretraining=None):
 @entry_point
 def main(snakemake):
     configure_logging(snakemake)
-    # One thread unless the rule gives more: the pretrained weights then do not depend on
-    # --cores, and a tiny model's matmuls gain little from more threads.
-    torch.set_num_threads(snakemake.threads)
+    torch.set_num_threads(snakemake.threads)  # pretraining itself runs on one (pretrain.py)
     model = snakemake.params.model
     spec = architecture_spec(model, snakemake.params.weights)
     settings = pretrain_settings(model, snakemake.params.weights)

@@ -119,7 +119,18 @@ def untrained_tokens(tokenizer, separator):
 
 
 def pretrain(model, tokenizer, documents, settings):
-    """Train `model` in place on `documents`; returns what the built model's record says."""
+    """Train `model` in place on `documents`, on one CPU thread whatever the job was given (the
+    weights then do not depend on the thread count; a tiny model's matmuls gain little from more);
+    returns what the built model's record says."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_on_documents(model, tokenizer, documents, settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_on_documents(model, tokenizer, documents, settings):
     torch.manual_seed(settings["seed"])
     stream, separator = token_stream(tokenizer, documents)
     untrained = untrained_tokens(tokenizer, separator)
