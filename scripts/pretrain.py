@@ -39,8 +39,9 @@ PRETRAIN_DEFAULTS = {
 }
 TEXT = "the bundled knowledge table as plain text"
 # Questions worded as people ask them, per topic and copy: they teach the model to find the topic
-# in a question whatever its wording, which a chat prompt needs (with articles and one fixed
-# wording only, 2 of 4 held-out prompts after fine-tuning were on topic; 3 of 4 with these).
+# in a question whatever its wording, which a chat prompt needs (in one run of the tiny Qwen3,
+# with articles and one fixed wording only, 2 of 4 held-out prompts were answered on topic after
+# fine-tuning; 3 of 4 with these).
 QUESTIONS_PER_COPY = 2
 
 
