@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from batches import collate, pack, token_budget_batches  # noqa: E402
-from build_model import KNOWN_ARCHITECTURES, random_init_model  # noqa: E402
+from build_model import random_init_model  # noqa: E402
+from model_sources import KNOWN_ARCHITECTURES  # noqa: E402
 
 VARIANTS = {
     "v1": ("Qwen/Qwen3-4B", "nf4"),

@@ -19,6 +19,7 @@ from experiment_config import (
     validate_config,
 )  # noqa: E402
 from prepare_data import BUNDLED_SAMPLE, dataset_source  # noqa: E402
+import model_sources  # noqa: E402
 
 CONFIG_FILES = workflow.overwrite_configfiles or [
     Path(workflow.basedir) / "config.yaml"
@@ -60,9 +61,13 @@ def dataset_files():
     return {"data": list(dataset_source(dataset["source"], dataset["split"]).files)}
 
 
+# The bundled sample's topics and the built models' pretraining text (an input: editing it reruns them).
+KNOWLEDGE_FILE = "scripts/data/knowledge.yaml"
+
+
 def is_built(model_name):
-    """True when the pipeline builds the model itself (random init) instead of loading it."""
-    return "init" in MODELS[model_name] or CONFIG["weights"] == "random"
+    """True when the pipeline builds the model itself instead of loading it."""
+    return model_sources.is_built(MODELS[model_name], CONFIG["weights"])
 
 
 def model_path(model_name):

@@ -1,4 +1,6 @@
 rule bundled_sample:
+    input:
+        knowledge=KNOWLEDGE_FILE,
     output:
         BUNDLED_SAMPLE,
     log:
@@ -8,6 +10,7 @@ rule bundled_sample:
     params:
         n=CONFIG["dataset"]["bundled_size"],
         seed=CONFIG["dataset"]["seed"],
+        topics=CONFIG["dataset"]["bundled_topics"],
     script:
         "../scripts/bundled_sample.py"
 

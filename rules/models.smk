@@ -1,6 +1,9 @@
+# Models loranotes builds itself (model_sources.is_built): the `init:` entries, and every model
+# under `weights: random`. Pretrained on the bundled knowledge table when `init.pretrain` asks.
 rule build_model:
     input:
-        texts="results/data/bundled_sample.jsonl",
+        conversations="results/data/bundled_sample.jsonl",
+        knowledge=KNOWLEDGE_FILE,
     output:
         model_dir=directory("results/models/{model}"),
     log:
@@ -10,5 +13,6 @@ rule build_model:
     params:
         model=lambda w: MODELS[w.model],
         weights=CONFIG["weights"],
+        topics=CONFIG["dataset"]["bundled_topics"],
     script:
         "../scripts/build_model.py"

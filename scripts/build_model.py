@@ -1,15 +1,20 @@
-"""Build a model with random weights from an architecture config, plus a tokenizer for it.
+"""Build a model from an architecture config, plus a tokenizer for it, and pretrain it briefly
+when its config asks for that.
 
-Two uses:
-- the embedded default's tiny models (`models.<name>.init: {architecture: qwen3, ...}`), so the
-  whole pipeline runs offline on a CPU;
-- capacity planning (`weights: random`): a hub model such as Qwen/Qwen3-4B is rebuilt from its
-  real architecture config with random weights, so s/step and memory can be measured before
-  anyone downloads 8 GB of weights.
+Three uses:
+- the embedded default's tiny models (`models.<name>.init: {architecture: qwen3, ...,
+  pretrain: {steps: 300}}`): built, then pretrained for a few seconds on the bundled knowledge
+  table written out as plain text (pretrain.py), so that the whole pipeline runs offline on a
+  CPU and fine-tuning starts from a model that knows some language;
+- an `init:` entry without `pretrain:`: the architecture with random weights;
+- capacity planning (`weights: random`): every model, a hub model such as Qwen/Qwen3-4B too, is
+  rebuilt from its architecture config with random weights (and never pretrained), so s/step and
+  memory can be measured before anyone downloads 8 GB of weights.
 
-The tokenizer is a byte-level BPE trained on the bundled conversations with `tokenizers`. A
-Qwen-style model gets a ChatML chat template; a Llama-style one gets none, like the base
-Llama-2 checkpoints, so the pipeline falls back to the seed prompt format for it.
+The tokenizer is a byte-level BPE trained with `tokenizers` on the bundled conversations (and the
+pretraining text). A Qwen-style model gets a ChatML chat template; a Llama-style one gets none,
+like the base Llama-2 checkpoints, so the pipeline falls back to the seed prompt format for it.
+Next to the weights goes loranotes_model.json, what the model is (model_sources.model_info).
 """
 
 import json
@@ -20,39 +25,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from bundled_sample import load_knowledge, select_topics
 from errors import configure_logging, entry_point
+from model_sources import BUILT_MODEL_RECORD, architecture_spec
+from modeling import load_tokenizer
+from pretrain import knowledge_documents, pretrain, pretrain_settings
 
 log = logging.getLogger("loranotes.build_model")
-
-# Public config values of the seed experiment's models, so `weights: random` needs no download.
-KNOWN_ARCHITECTURES = {
-    "Qwen/Qwen3-4B": {
-        "architecture": "qwen3",
-        "vocab_size": 151936,
-        "hidden_size": 2560,
-        "intermediate_size": 9728,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 1000000,
-        "tie_word_embeddings": True,
-    },
-    "meta-llama/Llama-2-7b-hf": {
-        "architecture": "llama",
-        "vocab_size": 32000,
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False,
-    },
-}
 
 # ChatML, as Qwen models use it (without Qwen3's tool and thinking extras).
 CHATML_TEMPLATE = (
@@ -65,25 +44,6 @@ CHATML_FAMILIES = {"qwen2", "qwen3", "qwen3_moe"}
 # A trained tokenizer never needs more pieces than this for the bundled sample; a larger model
 # vocabulary (151936 for Qwen3) keeps its size, the extra rows are just never used.
 MAX_TRAINED_VOCAB = 8192
-
-
-def architecture_spec(model, weights):
-    """The `{architecture: ..., **config}` to build, or None when the model loads real weights."""
-    if "init" in model:
-        return dict(model["init"])
-    if weights != "random":
-        return None
-    path = model["path"]
-    if (Path(path) / "config.json").exists():
-        config = json.loads((Path(path) / "config.json").read_text())
-        return {"architecture": config.pop("model_type"), **config}
-    if path in KNOWN_ARCHITECTURES:
-        return dict(KNOWN_ARCHITECTURES[path])
-    raise ValueError(
-        f"weights: random needs {path}'s architecture, which is not known offline. "
-        f"Known: {', '.join(KNOWN_ARCHITECTURES)}. Give the model an `init:` entry with its "
-        "config values instead (architecture, hidden_size, num_hidden_layers, ...)."
-    )
 
 
 def read_texts(jsonl_path):
@@ -120,21 +80,24 @@ def train_tokenizer(texts, vocab_size, chatml):
     return wrapped
 
 
-def random_init_model(config, seed=0):
-    """The architecture of `config` with random weights (seeded)."""
+def random_init_model(config, seed=0, device=None):
+    """The architecture of `config` with random weights (seeded). On a GPU machine it is built on
+    the GPU in bf16, unless `device` says otherwise: a 7B model takes seconds there instead of
+    minutes on the CPU, and half the disk. On the CPU, float32 as training will use."""
     torch.manual_seed(seed)
-    # On a GPU machine, initialise on the GPU in bf16: a 7B model takes seconds there instead
-    # of minutes on the CPU, and half the disk. On a CPU, float32 as training will use.
-    device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def build_model(spec, texts, out_dir, seed=0, tokenizer=None):
-    """Write a random-init model (safetensors), its tokenizer and loranotes_model.json.
+def build_model(spec, texts, out_dir, seed=0, tokenizer=None, pretraining=None):
+    """Write a model (safetensors), its tokenizer and loranotes_model.json; return the record.
 
     `tokenizer` is the model's own when one is at hand (a local model directory); otherwise one
-    is trained on `texts`.
+    is trained on `texts`. `pretraining` is `{"settings": ..., "documents": [...]}` (pretrain.py)
+    or None: random weights.
     """
     spec = dict(spec)
     architecture = spec.pop("architecture")
@@ -146,31 +109,44 @@ def build_model(spec, texts, out_dir, seed=0, tokenizer=None):
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.bos_token_id = tokenizer.bos_token_id
-    model = random_init_model(config, seed)
+    if pretraining is None:
+        model = random_init_model(config, seed)
+        weights = {"weights": "random", "random_init": True}
+    else:
+        # On the CPU in float32 wherever it runs, so the weights do not depend on the machine.
+        model = random_init_model(config, pretraining["settings"]["seed"], device="cpu")
+        details = pretrain(model, tokenizer, pretraining["documents"], pretraining["settings"])
+        weights = {"weights": "pretrained", "random_init": False, "pretrain": details}
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     n_params = sum(p.numel() for p in model.parameters())
-    info = {"random_init": True, "architecture": architecture, "parameters": n_params}
-    (out_dir / "loranotes_model.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info(
-        "built random-init %s: %s parameters, vocab %d (tokenizer %d)",
-        architecture, f"{n_params:,}", config.vocab_size, len(tokenizer),
-    )
+    info = {"built_by": "loranotes", "architecture": architecture, "parameters": n_params, **weights}
+    (out_dir / BUILT_MODEL_RECORD).write_text(json.dumps(info, indent=2) + "\n")
+    log.info("built %s (%s weights): %s parameters, vocab %d (tokenizer %d)", architecture,
+             info["weights"], f"{n_params:,}", config.vocab_size, len(tokenizer))
     return info
 
 
 @entry_point
 def main(snakemake):
     configure_logging(snakemake)
+    torch.set_num_threads(snakemake.threads)  # pretraining itself runs on one (pretrain.py)
     model = snakemake.params.model
     spec = architecture_spec(model, snakemake.params.weights)
+    settings = pretrain_settings(model, snakemake.params.weights)
+    texts = list(read_texts(snakemake.input.conversations))
+    pretraining = None
+    if settings:
+        knowledge = load_knowledge(snakemake.input.knowledge)
+        knowledge = {**knowledge, "topics": select_topics(knowledge, snakemake.params.topics)}
+        documents = knowledge_documents(knowledge, settings["copies"], settings["seed"])
+        pretraining = {"settings": settings, "documents": documents}
+        texts += documents
     tokenizer = None
     if "path" in model and (Path(model["path"]) / "tokenizer_config.json").exists():
-        from modeling import load_tokenizer
-
         tokenizer = load_tokenizer(model["path"], model["trust_remote_code"])
-    build_model(spec, read_texts(snakemake.input.texts), snakemake.output.model_dir, tokenizer=tokenizer)
+    build_model(spec, texts, snakemake.output.model_dir, tokenizer=tokenizer, pretraining=pretraining)
 
 
 if __name__ == "__main__":

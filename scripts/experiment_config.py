@@ -17,9 +17,11 @@ from pathlib import Path
 import yaml
 
 from chat_format import SEED_ASSISTANT, SEED_SYSTEM, SEED_USER, PromptFormat, template_problem
+from bundled_sample import load_knowledge, unknown_topics
 from errors import LoranotesError, first_line
 from model_sources import (
     ModelError,
+    architecture_spec,
     is_local,
     local_model_problem,
     local_tokenizer_problem,
@@ -42,7 +44,7 @@ TRAINING_DEFAULTS = {
     "eval_every": 20,
     "gradient_checkpointing": "auto",
     "memory_budget_gb": None,
-    "packing": True,
+    "packing": "auto",
     "batch_tokens": None,
     "fused_kernels": "auto",
     "compile": True,
@@ -59,8 +61,9 @@ LORA_DEFAULTS = {
     "dropout": 0.0,
     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-DATASET_DEFAULTS = {"split": "train_sft", "num_train": 800, "num_eval": 100, "seed": 0, "bundled_size": 400}
-GENERATION_DEFAULTS = {"max_new_tokens": 128}
+DATASET_DEFAULTS = {"split": "train_sft", "num_train": 800, "num_eval": 100, "seed": 0, "bundled_size": 400,
+                    "bundled_topics": "all"}
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "no_repeat_ngram_size": 0}
 MODEL_DEFAULTS = {"prompt_format": "chat_template", "trust_remote_code": False}
 
 # The layers that hold the token embeddings (peft's EMBEDDING_LAYER_NAMES): LoRA on them makes
@@ -171,9 +174,21 @@ def resolve_config(config, source="config.yaml"):
     config["models"] = {
         name: {**MODEL_DEFAULTS, **model} for name, model in config["models"].items()
     }
+    check_bundled_topics(config["dataset"]["bundled_topics"], source)
     config["variants"] = resolve_variants(config, source)
     check_comparisons(config, source)
     return config
+
+
+def check_bundled_topics(names, source="config.yaml"):
+    if names == "all":
+        return
+    knowledge = load_knowledge()
+    unknown = unknown_topics(knowledge, names)
+    if unknown:
+        known = ", ".join(topic["name"] for topic in knowledge["topics"])
+        raise ConfigError(f"{source}: dataset.bundled_topics: {', '.join(map(repr, unknown))} "
+                          f"not in scripts/data/knowledge.yaml; its topics: {known}")
 
 
 def resolve_variants(config, source="config.yaml"):
@@ -231,10 +246,10 @@ def resolve_variants(config, source="config.yaml"):
                 f"{source}: variants.{name}.model: '{variant['model']}' is not a model "
                 f"(models: {', '.join(config['models'])}). Fix the name or add it under `models:`."
             )
-        if variant["training"]["batch_tokens"] and not variant["training"]["packing"]:
+        if variant["training"]["batch_tokens"] and variant["training"]["packing"] is False:
             raise ConfigError(
                 f"{source}: variants.{name}.training.batch_tokens: needs training.packing: true "
-                "(a token budget counts real tokens; padded batches would go over it)"
+                "or auto (a token budget counts real tokens; padded batches would go over it)"
             )
         variant["changes"] = changes_from(parent, variant) if parent else []
         resolved[name] = variant
@@ -366,8 +381,6 @@ def init_problem(model_name, init, error):
 def offline_model_config(model):
     """The model's transformers config where it is known without a download, else None."""
     from transformers import AutoConfig
-
-    from build_model import architecture_spec
 
     try:  # as capacity planning builds it: init, a local config.json, or a known hub model
         spec = architecture_spec(model, "random")

@@ -12,14 +12,17 @@ import torch
 
 from chat_format import PromptFormat
 from errors import configure_logging, entry_point
-from modeling import load_base_model, load_tokenizer, model_info, pick_device
+from model_sources import model_info
+from modeling import load_base_model, load_tokenizer, pick_device
 
 log = logging.getLogger("loranotes.generate")
 
 
 @torch.no_grad()
-def generate_samples(model, prompt_format, prompts, max_new_tokens, device):
+def generate_samples(model, prompt_format, prompts, max_new_tokens, device, no_repeat_ngram_size=0):
     """[{"prompt", "completion", "new_tokens"}] for each prompt; completions exclude the prompt.
+    no_repeat_ngram_size > 0: no n-gram of that many tokens twice (transformers' option), which
+    keeps a small model's greedy answer from looping past its end.
 
     All prompts go through generate() as one left-padded batch: one pass per new token instead
     of one per prompt and token.
@@ -37,6 +40,7 @@ def generate_samples(model, prompt_format, prompts, max_new_tokens, device):
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stop_ids,
+        no_repeat_ngram_size=no_repeat_ngram_size,
     )
     log.info("generated %d prompts x up to %d tokens in %.1f s", len(prompts), max_new_tokens,
              time.perf_counter() - started)
@@ -71,15 +75,16 @@ def main(snakemake):
             # Folding the adapter into the weights gives the same outputs, faster. (Merging into
             # nf4 weights would re-quantize them, so quantized models keep the adapter separate.)
             model = model.merge_and_unload()
+    no_repeat = params.generation["no_repeat_ngram_size"]
     samples = generate_samples(model, prompt_format, params.prompts,
-                               params.generation["max_new_tokens"], device)
+                               params.generation["max_new_tokens"], device, no_repeat)
     result = {
         "model": params.model_name,
         "quantization": params.quantization,
         "adapter": bool(adapter),
         "random_init": bool(model_info(params.model_path).get("random_init")),
         "prompt_format": prompt_format.describe(),
-        "decoding": "greedy",
+        "decoding": "greedy" + (f", no repeated {no_repeat}-grams" if no_repeat else ""),
         "samples": samples,
     }
     with open(snakemake.output[0], "w", encoding="utf-8") as f:

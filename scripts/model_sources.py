@@ -1,6 +1,7 @@
-"""What can be known about a model before loading it, cheaply enough to check when the Snakefile
-is parsed: whether its local directory has weights and a tokenizer, and which layers LoRA can
-wrap.
+"""What can be known about a model before loading its weights, cheaply enough to check when the
+Snakefile is parsed: whether loranotes builds it itself, the architecture it builds, whether a
+local directory has weights and a tokenizer, which layers LoRA can wrap, and what a built
+model's weights are.
 
 The layer names come from building the architecture on PyTorch's `meta` device (no memory, no
 weights). That needs torch and transformers, about 3 s to import, so the answer is cached per
@@ -22,9 +23,88 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # (tokenizer.model, spiece.model), a BPE or WordPiece vocabulary, a tiktoken file.
 TOKENIZER_PATTERNS = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "*.tiktoken")
 
+# What build_model writes next to a model it built: who built it and what its weights are.
+BUILT_MODEL_RECORD = "loranotes_model.json"
+
+# Public config values of the seed experiment's models, so `weights: random` needs no download.
+KNOWN_ARCHITECTURES = {
+    "Qwen/Qwen3-4B": {
+        "architecture": "qwen3",
+        "vocab_size": 151936,
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000,
+        "tie_word_embeddings": True,
+    },
+    "meta-llama/Llama-2-7b-hf": {
+        "architecture": "llama",
+        "vocab_size": 32000,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+}
+
 
 class ModelError(LoranotesError):
     """A model that cannot be loaded, with the cause and the fix."""
+
+
+def is_built(model, weights):
+    """Whether loranotes builds this config model itself (into results/models/<name>) instead of
+    loading it: an `init:` entry, or any model under `weights: random` (capacity planning)."""
+    return "init" in model or weights == "random"
+
+
+def architecture_spec(model, weights):
+    """The `{architecture: ..., **config}` to build, or None when the model loads real weights.
+    An `init:` entry's `pretrain:` settings are not part of the architecture (pretrain.py)."""
+    if not is_built(model, weights):
+        return None
+    if "init" in model:
+        return {key: value for key, value in model["init"].items() if key != "pretrain"}
+    path = model["path"]
+    if (Path(path) / "config.json").exists():
+        config = json.loads((Path(path) / "config.json").read_text())
+        return {"architecture": config.pop("model_type"), **config}
+    if path in KNOWN_ARCHITECTURES:
+        return dict(KNOWN_ARCHITECTURES[path])
+    raise ModelError(
+        f"weights: random needs {path}'s architecture, which is not known offline. "
+        f"Known: {', '.join(KNOWN_ARCHITECTURES)}. Give the model an `init:` entry with its "
+        "config values instead (architecture, hidden_size, num_hidden_layers, ...)."
+    )
+
+
+def model_info(path):
+    """What build_model recorded about a model directory it built ({} for any other model):
+    {"built_by": "loranotes", "weights": "pretrained" | "random", "pretrain": {...}, ...}."""
+    record = Path(path) / BUILT_MODEL_RECORD
+    return json.loads(record.read_text()) if record.is_file() else {}
+
+
+def weights_phrase(info):
+    """How the notes describe a model's weights, from its model_info; None for a model that
+    loranotes did not build (its weights are the hub's or the local directory's)."""
+    if info.get("built_by") != "loranotes":
+        return None
+    if info["weights"] == "random":
+        return "random weights (capacity planning)"
+    pretrain = info["pretrain"]
+    return (f"pretrained by loranotes for {pretrain['steps']:,} steps on {pretrain['text']} "
+            f"({pretrain['text_tokens']:,} tokens, {pretrain['tokens']:,} trained on; "
+            f"final loss {pretrain['final_loss']:.2f})")
 
 
 def is_local(path):
@@ -100,15 +180,10 @@ def build_on_meta(model, weights):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from build_model import architecture_spec
-
     path = model.get("path", "")
     if model.get("trust_remote_code"):
         return None  # its code lives on the Hub; never run it just to check a config
-    try:
-        spec = architecture_spec(model, weights)
-    except ValueError as error:  # weights: random on a hub model whose config is not known offline
-        raise ModelError(str(error)) from None
+    spec = architecture_spec(model, weights)
     if spec is not None:
         config = AutoConfig.for_model(spec.pop("architecture"), **spec)
     elif is_local(path) and local_model_problem(path) is None:
@@ -131,7 +206,7 @@ def lora_layer_names(model, weights):
     version: everything the answer depends on.
     """
     path = model.get("path", "")
-    if "init" not in model and weights != "random" and not is_local(path):
+    if not is_built(model, weights) and not is_local(path):
         return None  # a hub model with real weights: nothing to build offline
     config_json = Path(path).expanduser() / "config.json" if path else None
     key_data = {

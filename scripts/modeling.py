@@ -1,18 +1,25 @@
-"""Loading base models (bf16 on GPU, float32 on CPU, or nf4 through bitsandbytes), attaching
-LoRA adapters, and reading peak memory the same way everywhere."""
+"""Loading base models (bf16 on GPU, float32 on CPU, or nf4 through bitsandbytes) and their
+tokenizers, and reading peak memory the same way everywhere.
+
+torch is imported inside the functions that use it: the tokenize job imports this module only
+for load_tokenizer, and importing torch would add 2-3 s to that job (bench/startup.py).
+"""
 
 import contextlib
 import json
 import resource
 from pathlib import Path
 
-import torch
-
 from errors import first_line
 from model_sources import ModelError, is_local, local_model_problem
 
+# Tokenizer classes that are a `tokenizers` file and nothing else: what build_model saves.
+PLAIN_TOKENIZER_CLASSES = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
 
 def pick_device(requested="auto"):
+    import torch
+
     if requested == "cuda" and not torch.cuda.is_available():
         raise ModelError("training.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if requested == "auto":
@@ -21,6 +28,8 @@ def pick_device(requested="auto"):
 
 
 def compute_dtype(device):
+    import torch
+
     # bf16 is what GPUs train LoRA in; CPUs have no fast bf16 matmul everywhere, so float32.
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
@@ -51,11 +60,27 @@ def require_bitsandbytes():
         ) from error
 
 
-def load_tokenizer(path, trust_remote_code=False):
-    from transformers import AutoTokenizer
+def is_plain_tokenizer(path):
+    """Whether a local directory holds a tokenizer that is only a `tokenizers` file (every model
+    loranotes builds), which PreTrainedTokenizerFast loads as AutoTokenizer would."""
+    config = Path(path).expanduser() / "tokenizer_config.json"
+    if not (config.is_file() and config.with_name("tokenizer.json").is_file()):
+        return False
+    return json.loads(config.read_text()).get("tokenizer_class") in PLAIN_TOKENIZER_CLASSES
 
+
+def load_tokenizer(path, trust_remote_code=False):
+    # AutoTokenizer imports torch and transformers' model configs to choose a class (about 2 s);
+    # a plain tokenizer needs neither, so tokenizing for a built model stays a light job.
     with explained_load_errors(path):
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if is_plain_tokenizer(path):
+            from transformers import PreTrainedTokenizerFast
+
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:  # Llama-2 has none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -86,19 +111,17 @@ def load_base_model(path, quantization, device, trust_remote_code=False):
     return model
 
 
-def model_info(path):
-    """What loranotes knows about a model directory: random_init etc. ({} for hub models)."""
-    info_path = Path(path) / "loranotes_model.json"
-    return json.loads(info_path.read_text()) if info_path.exists() else {}
-
-
 def reset_peak_memory(device):
+    import torch
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_memory(device):
     """Peak memory in GB and what it measures: GPU allocated/reserved, or the process's RSS."""
+    import torch
+
     if device.type == "cuda":
         return {
             "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9,

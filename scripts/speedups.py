@@ -6,7 +6,8 @@ returns the model and a frozen record of what is on (Speedups).
   cross-entropy (step.fused_token_loss_sums), which computes the loss chunk by chunk from the
   last hidden states and never holds the batch x length x vocabulary logits.
 - packing (see batches.pack): on CUDA, attention over the packed conversations runs as
-  variable-length flash attention, which computes no score between two conversations.
+  variable-length flash attention, which computes no score between two conversations; `auto`
+  packs on a GPU only (use_packing).
 - compile: torch.compile of each decoder layer, LoRA included: fewer kernels and far less Python
   per step (the uncompiled trainer leaves the GPU waiting for the CPU). Under a memory budget it
   recomputes the cheapest activations in backward rather than whole layers (memory_plan.py).
@@ -63,6 +64,7 @@ class TrainerOptions:
 @dataclass(frozen=True)
 class Speedups:
     """What a run has on: decided once (decide_speedups), applied by load_for_training."""
+    packed: bool  # padding-free batches (training.packing, auto decided by use_packing)
     fused_loss: bool
     fused_kernels: bool  # Liger's layer kernels (uncompiled runs; compiled ones get torch's)
     varlen_attention: bool
@@ -78,7 +80,7 @@ class Speedups:
 
     def metrics(self):
         """The record's part of metrics.json."""
-        return {"fused_loss": self.fused_loss, "fused_kernels": self.fused_kernels,
+        return {"packed": self.packed, "fused_loss": self.fused_loss, "fused_kernels": self.fused_kernels,
                 "varlen_attention": self.varlen_attention, "compiled": self.compiled}
 
 
@@ -90,8 +92,10 @@ def decide_speedups(training, model_type, device, options=TrainerOptions(), varl
     compiled = training["compile"] and cuda
     if varlen_available is None:
         varlen_available = varlen_attention_available(device)
-    varlen = training["packing"] and options.varlen_attention and varlen_available
+    packed = use_packing(training["packing"], device, training["batch_tokens"])
+    varlen = packed and options.varlen_attention and varlen_available
     return Speedups(
+        packed=packed,
         fused_loss=fused,  # load_for_training turns it off again for LoRA on lm_head
         # Compiled layers get their norms, RoPE and SwiGLU fused by torch.compile;
         # Liger's layer kernels are for uncompiled runs.
@@ -217,6 +221,18 @@ def keep_adapter_inputs_bf16(model):
 
 
 # --- variable-length attention for packed batches -----------------------------------------------
+
+def use_packing(setting, device, batch_tokens=None):
+    """Whether batches are packed: true/false as set; auto packs on a GPU, where the packed
+    conversations get variable-length flash attention and no compute goes to padding. On a CPU
+    auto pads, unless batch_tokens is set (a token budget counts real tokens, so it needs packed
+    batches): packed attention there is SDPA with a block-diagonal mask over one long row, and
+    packed steps of the embedded default took 1.3-1.6x as long as padded ones
+    (bench/cpu_packing.py, bench/results/)."""
+    if setting != "auto":
+        return setting
+    return device.type == "cuda" or bool(batch_tokens)
+
 
 def varlen_attention_available(device):
     """torch >= 2.10 and a GPU its flash kernels run on (compute capability 8.0 or later)."""

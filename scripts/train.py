@@ -27,7 +27,8 @@ from batches import batches_forever, collate, largest_batch, pack, read_tokenize
 from errors import configure_logging, entry_point
 from memory_plan import MemoryPlan, out_of_memory, plan_memory
 from provenance import run_provenance
-from modeling import load_tokenizer, model_info, peak_memory, pick_device, reset_peak_memory
+from model_sources import model_info, weights_phrase
+from modeling import load_tokenizer, peak_memory, pick_device, reset_peak_memory
 from resume import checkpoint_due, remove_checkpoints, resume, run_fingerprint, save_checkpoint
 from run_metrics import (
     attention_flops,
@@ -110,7 +111,7 @@ def load(model_path, quantization, train_path, eval_path, training, lora, trust_
     trainable, total = model.get_nb_trainable_parameters()  # counts 4-bit weights unpacked
     log.info("LoRA r=%d on %s: %s trainable of %s parameters", lora["r"],
              ",".join(lora["target_modules"]), f"{trainable:,}", f"{total:,}")
-    make_batch = functools.partial(pack if training["packing"] else collate, pad_id=pad_id,
+    make_batch = functools.partial(pack if setup.packed else collate, pad_id=pad_id,
                                    device=device)
     return Run(training, quantization, device, model, setup, make_batch, train_examples,
                eval_examples, pad_id)
@@ -128,7 +129,7 @@ def plan(run):
     log.info("speed: torch.compile %s, fused loss %s, Liger layer kernels %s, packing %s%s, "
              "gradient checkpointing on %d of %d layers, %.0f%% of activations kept",
              on[run.setup.compiled], on[run.setup.fused_loss], on[run.setup.fused_kernels],
-             on[run.training["packing"]],
+             on[run.setup.packed],
              " (variable-length flash attention)" if run.setup.varlen_attention else "",
              run.memory.gradient_checkpointing_layers, run.memory.decoder_layers,
              100 * run.memory.activations_kept)
@@ -244,6 +245,7 @@ def write_outputs(run, progress, train_memory, out_dir, model_path, provenance):
         "total_params": total,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "random_init": bool(model_info(model_path).get("random_init")),
+        "base_weights": weights_phrase(model_info(model_path)),  # None: the hub's or a directory's
         "train_conversations": len(run.train_examples),
         **run.setup.metrics(),
         **asdict(run.memory),

@@ -83,7 +83,7 @@ ON_A_GPU = {
         {"attention_kernel": "varlen_attn_with_copied_key_heads"},
     "no checkpointing (memory not limited)": {"memory_policy": "none"},
     "packed, SDPA block mask instead of variable-length attention": NO_VARLEN,
-    "padded batches (packing off)": NO_VARLEN,
+    "padded batches (packing off)": {**NO_VARLEN, "packed": False},
     "batches of up to 4 x 1024 tokens (training.batch_tokens: 4096)": {},  # other batches
     "profile: trainer (compiled), all layers checkpointed": {"memory_policy": "every layer"},
     "profile: no fused kernels, not compiled":
@@ -93,7 +93,7 @@ ON_A_GPU = {
     "profile: not compiled, no autocast (float32 adapters, peft's casts)":
         {**LIGER_INSTEAD, "memory_policy": "every layer", "bf16_autocast": False},
     "profile: not compiled, padded batch (SDPA, no varlen)":
-        {**LIGER_INSTEAD, **NO_VARLEN, "memory_policy": "every layer"},
+        {**LIGER_INSTEAD, **NO_VARLEN, "packed": False, "memory_policy": "every layer"},
 }
 
 

@@ -1,16 +1,15 @@
-"""Tests for scripts/bundled_sample.py, the generator of the default chat dataset."""
+"""Tests for scripts/bundled_sample.py, the generator of the default chat dataset, and its
+knowledge table scripts/data/knowledge.yaml."""
 
 import hashlib
 import json
 import random
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,7 +17,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bundled_sample.py"
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bundled_sample import TOPICS, main, make_conversations  # noqa: E402
+from bundled_sample import KNOWLEDGE_FILE, load_knowledge, main, make_conversations  # noqa: E402
+from util import fake_snakemake  # noqa: E402
+
+TOPICS = load_knowledge()["topics"]
 
 
 @pytest.fixture(scope="module")
@@ -209,18 +211,41 @@ def test_cli_defaults(tmp_path):
 
 def test_main_with_snakemake_object(tmp_path):
     out = tmp_path / "data" / "sample.jsonl"
-    fake = SimpleNamespace(params=SimpleNamespace(n=12, seed=2), output=[str(out)])
-    main(fake)
+    main(fake_snakemake(input={"knowledge": str(KNOWLEDGE_FILE)}, output={"sample": str(out)},
+                        params={"n": 12, "seed": 2, "topics": "all"},
+                        log={"log": str(tmp_path / "bundled_sample.log")}))
     assert read_jsonl(out) == make_conversations(n=12, seed=2)
 
 
-@pytest.mark.skipif(shutil.which("snakemake") is None, reason="snakemake not installed")
+def test_a_topic_subset_keeps_to_those_topics():
+    names = ["LoRA", "sourdough baking", "the water cycle"]
+    rows = make_conversations(n=60, seed=0, topics=names)
+    asked = topics_asked_about(rows)
+    assert asked == set(names)  # every one, and no other (follow-ups stay within the subset)
+
+
+def test_an_unknown_topic_is_refused_by_name():
+    with pytest.raises(ValueError, match="not topics of the knowledge table: cooking pasta"):
+        make_conversations(n=5, topics=["LoRA", "cooking pasta"])
+
+
+def test_an_edited_knowledge_table_changes_the_sample(tmp_path):
+    knowledge = load_knowledge()
+    knowledge["topics"][0]["facts"][0] = "A rewritten first fact about contrastive learning."
+    rows = make_conversations(n=80, seed=0, knowledge=knowledge)
+    assert "A rewritten first fact about contrastive learning." in "\n".join(assistant_texts(rows))
+
+
 def test_runs_under_snakemake_script_directive(tmp_path):
     (tmp_path / "Snakefile").write_text(
         "rule sample:\n"
+        f"    input: knowledge={str(KNOWLEDGE_FILE)!r}\n"
         "    output: 'sample.jsonl'\n"
-        "    params: n=9, seed=1\n"
+        "    log: 'sample.log'\n"
+        "    params: n=9, seed=1, topics='all'\n"
         f"    script: {str(SCRIPT)!r}\n"
     )
-    subprocess.run(["snakemake", "--cores", "1", "--quiet"], check=True, cwd=tmp_path, capture_output=True)
+    subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--quiet"], check=True,
+                   cwd=tmp_path, capture_output=True)
     assert read_jsonl(tmp_path / "sample.jsonl") == make_conversations(n=9, seed=1)
+    assert "9 conversations" in (tmp_path / "sample.log").read_text()

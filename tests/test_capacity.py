@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from build_model import KNOWN_ARCHITECTURES, architecture_spec, build_model
-from model_sources import build_on_meta
+from build_model import build_model
+from model_sources import KNOWN_ARCHITECTURES, ModelError, architecture_spec, build_on_meta, weights_phrase
 from modeling import peak_memory
 
 # Public parameter counts of the two seed models.
@@ -25,7 +25,7 @@ def test_without_random_weights_a_hub_model_is_not_rebuilt():
 
 
 def test_an_unknown_hub_model_cannot_be_planned_offline():
-    with pytest.raises(ValueError, match="not known offline"):
+    with pytest.raises(ModelError, match="not known offline"):
         architecture_spec({"path": "someone/unknown-model"}, weights="random")
 
 
@@ -34,7 +34,8 @@ def test_build_at_reduced_depth_keeps_the_real_layer_shapes(tmp_path):
     spec = {**KNOWN_ARCHITECTURES["Qwen/Qwen3-4B"], "num_hidden_layers": 1}
     texts = ["A short conversation about LoRA.", "Another one, about quantization."] * 50
     info = build_model(spec, texts, tmp_path / "qwen3-1layer")
-    assert info["random_init"] is True
+    assert info["weights"] == "random" and info["random_init"] is True
+    assert weights_phrase(info) == "random weights (capacity planning)"
     config = json.loads((tmp_path / "qwen3-1layer" / "config.json").read_text())
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
                 "num_key_value_heads", "head_dim"):

@@ -223,6 +223,32 @@ def test_a_token_budget_needs_packed_batches():
         resolve_config(config, "exp.yaml")
     config["variants"]["v3"]["training"]["packing"] = True
     assert resolve_config(config, "exp.yaml")["variants"]["v3"]["training"]["batch_tokens"] == 4096
+    config["variants"]["v3"]["training"]["packing"] = "auto"  # the default: packs for a budget
+    assert resolve_config(config, "exp.yaml")["variants"]["v3"]["training"]["packing"] == "auto"
+
+
+def test_bundled_topics_must_be_topics_of_the_knowledge_table():
+    from experiment_config import validate_config
+
+    config = base_config()
+    config["dataset"]["bundled_topics"] = ["LoRA", "cooking pasta"]
+    validate_config(config, REPO / "schemas" / "config.schema.yaml", "exp.yaml")  # well-formed
+    with pytest.raises(ConfigError, match=r"^exp.yaml: dataset.bundled_topics: 'cooking pasta' not in "
+                                          r"scripts/data/knowledge.yaml; its topics: contrastive learning, LoRA"):
+        resolve_config(config, "exp.yaml")
+    config["dataset"]["bundled_topics"] = "some"
+    with pytest.raises(ConfigError, match=r"dataset.bundled_topics: 'some' does not match"):
+        validate_config(config, REPO / "schemas" / "config.schema.yaml", "exp.yaml")
+
+
+def test_pretrain_settings_are_checked_like_any_other_key():
+    from experiment_config import validate_config
+
+    config = base_config()
+    config["models"]["small"]["init"]["pretrain"] = {"steps": 10, "learning_rate": 1.0e-3}
+    with pytest.raises(ConfigError, match=r"models.small.init.pretrain.learning_rate: unknown key "
+                                          r"\(did you mean lr\?\)"):
+        validate_config(config, REPO / "schemas" / "config.schema.yaml", "exp.yaml")
 
 
 def with_training(config, where, **training):

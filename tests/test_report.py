@@ -198,7 +198,8 @@ def test_variant_sections_describe_the_setup_and_what_changed(tmp_path):
     report = render(tmp_path)
     v1 = section(report, "v1: nf4 baseline")
     assert "The base." in v1
-    assert "Base model `tiny` (random-init), quantization nf4" in v1
+    assert "Base model `tiny`, quantization nf4" in v1
+    assert "- Base model `tiny`: random weights (capacity planning)\n" in v1
     assert "12 steps" in v1 and "LoRA r=2" in v1
     v2 = section(report, "v2: no quantization")
     assert "From v1, changed:\n- `quantization`: nf4 → none\n" in v2

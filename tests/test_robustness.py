@@ -76,6 +76,7 @@ def tiny_config():
     config["generation"] = {"max_new_tokens": 4}
     config["training"].update(steps=4, max_length=96, checkpoint_every=2, seeds=[0, 1])
     del config["models"]["tiny-llama"]
+    config["models"]["tiny-qwen3"]["init"]["pretrain"] = {"steps": 10}  # weights are not the point here
     config["variants"] = {
         "v1": {"title": "baseline", "model": "tiny-qwen3", "quantization": "none"},
         "v2": {"from": "v1", "title": "higher lr", "training": {"lr": 2.0e-2}},
@@ -205,15 +206,17 @@ def test_bad_rows_are_skipped_counted_logged_and_reported(tiny_run):
     data_log = (tiny_run / "results/logs/prepare_data.log").read_text()
     assert "skipped 1: invalid JSON (first at dirty.jsonl:41)" in data_log
     report = (tiny_run / "results/report.md").read_text()
-    assert f"Skipped while reading {stats['rows']} rows: " in report
+    assert f"`dirty.jsonl`: {stats['rows']} rows, {stats['usable']} usable; skipped " in report
     assert all(f"1 × {reason}" in report for reason in SKIP_REASONS)
-    # Conversations longer than max_length are truncated and counted, in the log and the report.
+    # Conversations longer than max_length are shortened (or dropped) and counted, in the log
+    # and the report, each count within its total.
     token_stats = json.loads((tiny_run / "results/tokenized/tiny-qwen3-L96/stats.json").read_text())
-    truncated = token_stats["train"]["truncated"]
-    assert truncated > 0
+    train = token_stats["train"]
+    assert train["shortened"] > 0 and train["conversations_in"] == stats["train"]
+    assert train["kept_whole"] + train["shortened"] + train["dropped"] == train["conversations_in"]
     assert "truncated to 96" in (tiny_run / "results/logs/tokenize/tiny-qwen3-L96.log").read_text()
-    assert f"{truncated} of {token_stats['train']['conversations']} training conversations " \
-           "truncated to 96 tokens" in report
+    assert (f"training on {train['conversations']} of the {train['conversations_in']} training "
+            f"conversations ({train['kept_whole']} whole, {train['shortened']} shortened") in report
 
 
 def test_a_dataset_empty_after_filtering_stops_with_one_line(tmp_path, caplog):

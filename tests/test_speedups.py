@@ -21,7 +21,7 @@ from memory_plan import (
     plan_checkpointing,
 )
 from run_metrics import attention_flops, flops_per_token
-from speedups import SpeedupError, attach_lora, use_fused_kernels, use_varlen_attention
+from speedups import SpeedupError, attach_lora, use_fused_kernels, use_packing, use_varlen_attention
 from step import StepOptions, forward_backward
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
@@ -443,7 +443,7 @@ def test_sliding_window_attention_is_left_to_sdpa():
 def test_attention_flops_count_the_causal_half_forward_and_backward():
     """Qwen3-4B at 4 x 1024: 6 x 36 layers x (32 x 128) x 1024^2 per sequence, 0.9 GFLOP per
     token next to 16 GFLOP of matmuls. Grouped-query attention saves memory, not FLOPs."""
-    from build_model import KNOWN_ARCHITECTURES
+    from model_sources import KNOWN_ARCHITECTURES
 
     spec = dict(KNOWN_ARCHITECTURES["Qwen/Qwen3-4B"])
     config = AutoConfig.for_model(spec.pop("architecture"), **spec)
@@ -463,3 +463,10 @@ def test_mfu_counts_matmul_and_attention_flops_of_the_timed_steps():
                    for step, loss, accuracy in ((0, 2.0, 0.1), (len(steps), 1.5, 0.2))]
     metrics = summarize(steps, evaluations, {}, {"flops_per_token": 16e9, "bf16_matmul_tflops": 800.0})
     assert metrics["mfu"] == pytest.approx((4096 * 16e9 + 1e12) / 0.5 / 800e12)
+
+
+def test_packing_auto_packs_on_a_gpu_and_pads_on_a_cpu_unless_a_token_budget_needs_packing():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_packing("auto", cuda) and not use_packing("auto", cpu)
+    assert use_packing("auto", cpu, batch_tokens=4096)  # a token budget counts real tokens
+    assert use_packing(True, cpu) and not use_packing(False, cuda)  # set: as set
