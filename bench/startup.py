@@ -4,6 +4,9 @@ Snakemake's own start-up and its cost per `script:` job.
 
     python bench/startup.py OUT.json [--repeats 3]
 
+It also times a job's entry (scripts/jobs/warm_start.run_job) whose work is the train job's
+imports, started cold and started warm (a warm process already up).
+
 Each number is the median of `repeats` fresh processes, as wall seconds and as CPU seconds (user +
 system of the child). On a machine shared with other work the CPU seconds are the steadier of the
 two; compare rows of one run, not runs of different days.
@@ -13,6 +16,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -56,18 +60,18 @@ def import_statement(name):
     return f"from {module} import {attribute}" if attribute else f"import {name}"
 
 
-def child_seconds(command, cwd=REPO):
+def child_seconds(command, cwd=REPO, env=None):
     """(wall, cpu) seconds of one fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(command, cwd=cwd, check=True, capture_output=True)
+    subprocess.run(command, cwd=cwd, env=env, check=True, capture_output=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def median_seconds(command, repeats, cwd=REPO):
-    runs = [child_seconds(command, cwd) for _ in range(repeats)]
+def median_seconds(command, repeats, cwd=REPO, env=None):
+    runs = [child_seconds(command, cwd, env) for _ in range(repeats)]
     return {"wall_s": statistics.median(r[0] for r in runs), "cpu_s": statistics.median(r[1] for r in runs)}
 
 
@@ -94,6 +98,30 @@ def snakemake_per_script_job(repeats, jobs=6):
         return {key: (run[key] - dry[key]) / jobs for key in run}, dry
 
 
+def job_entry(repeats):
+    """A train job's start through its entry, cold and then warm: wall seconds of the entry
+    process (a warm job's CPU seconds are spent in the warm process, not counted here)."""
+    sys.path.insert(0, str(REPO / "scripts" / "jobs"))
+    import warm_start
+
+    heavy = ["train", "transformers.modeling_utils", "peft"]
+    with tempfile.TemporaryDirectory(prefix="lw", dir="/tmp") as workdir:  # its own warm process
+        (Path(workdir) / "imports_job.py").write_text(
+            "def main(snakemake):\n" + "".join(f"    {import_statement(n)}\n" for n in heavy))
+        code = (f"import sys; sys.path[:0] = ['scripts/jobs', 'scripts', {workdir!r}]\n"
+                "from warm_start import run_job; run_job('imports_job', None)")
+        command = [sys.executable, "-c", code]
+        env = {**os.environ, "TMPDIR": workdir}
+        env.pop("LORANOTES_WARM_START", None)
+        cold = median_seconds(command, repeats, env={**env, "LORANOTES_WARM_START": "0"})
+        subprocess.run(command, cwd=REPO, env=env, check=True)  # cold, and starts a warm process
+        paths = warm_start.server_paths(Path(workdir) / f"loranotes-warm-{os.getuid()}", warm_start.server_key(env))
+        assert warm_start.wait_until_warm(paths), "the warm process did not start"
+        warm = median_seconds(command, repeats, env=env)
+        os.kill(int(paths["lock"].read_text()), signal.SIGTERM)
+    return {"cold": {"wall_s": cold["wall_s"]}, "warm": {"wall_s": warm["wall_s"]}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out")
@@ -111,6 +139,9 @@ def main():
     result["snakemake"] = {"dry_run_of_a_tiny_workflow": dry, "per_script_job": per_job}
     print(f"{'snakemake: per script job':50s} {per_job['wall_s']:6.2f} s wall {per_job['cpu_s']:6.2f} s cpu")
     print(f"{'snakemake: dry run of a 6-job workflow':50s} {dry['wall_s']:6.2f} s wall {dry['cpu_s']:6.2f} s cpu")
+    result["train_job_start"] = job_entry(args.repeats)
+    for start, seconds in result["train_job_start"].items():
+        print(f"{'train job start through its entry, ' + start:50s} {seconds['wall_s']:6.2f} s wall")
     result["load_average_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
