@@ -60,16 +60,35 @@ def configure_logging(snakemake):
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 
+def job_log_file():
+    """The job's log file (configure_logging's), or None outside a Snakemake job."""
+    files = [handler.baseFilename for handler in logging.getLogger().handlers
+             if isinstance(handler, logging.FileHandler)]
+    return files[0] if files else None
+
+
+def flush_logs():
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def entry_point(main):
-    """Decorate a script's main(snakemake): a LoranotesError becomes one line and exit code 1."""
+    """Decorate a script's main(snakemake): a LoranotesError becomes one line and exit code 1;
+    Ctrl-C one line and exit code 130 (128 + SIGINT, as a shell reports it), not a traceback."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except LoranotesError as error:
-            message = f"loranotes: {error}"
-            logging.getLogger("loranotes").error(message)  # into the job's log
-            sys.exit(message)  # onto the terminal, exit code 1, no traceback
+            exit_with(f"loranotes: {error}", 1)
+        except KeyboardInterrupt:
+            exit_with("loranotes: interrupted (Ctrl-C); rerun the same command to go on", 130)
 
     return run
+
+
+def exit_with(message, exit_code):
+    logging.getLogger("loranotes").error(message)  # into the job's log
+    print(message, file=sys.stderr)  # onto the terminal, no traceback
+    sys.exit(exit_code)
