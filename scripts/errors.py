@@ -41,10 +41,15 @@ def first_line(error):
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+# The log file of the job under way: set by configure_logging, cleared when main ends.
+_job_log = {"path": None}
+
+
 def configure_logging(snakemake):
     """The job's messages go to its log file and, as progress, to the terminal, where lines of
     jobs running side by side are told apart by their prefix ("[train v1] step 10/100 ...")."""
     logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    _job_log["path"] = str(snakemake.log[0])
     wildcards = getattr(snakemake, "wildcards", [])
     label = " ".join([getattr(snakemake, "rule", "loranotes"), *map(str, wildcards)])
     to_terminal = logging.StreamHandler()
@@ -61,10 +66,8 @@ def configure_logging(snakemake):
 
 
 def job_log_file():
-    """The job's log file (configure_logging's), or None outside a Snakemake job."""
-    files = [handler.baseFilename for handler in logging.getLogger().handlers
-             if isinstance(handler, logging.FileHandler)]
-    return files[0] if files else None
+    """The log file of the job under way (configure_logging's), or None outside a job."""
+    return _job_log["path"]
 
 
 def flush_logs():
@@ -84,6 +87,8 @@ def entry_point(main):
             exit_with(f"loranotes: {error}", 1)
         except KeyboardInterrupt:
             exit_with("loranotes: interrupted (Ctrl-C); rerun the same command to go on", 130)
+        finally:
+            _job_log["path"] = None  # the job is over (tests run several mains in one process)
 
     return run
 

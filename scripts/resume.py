@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from errors import flush_logs, job_log_file
+from outputs import with_umask
 
 log = logging.getLogger("loranotes.train")
 
@@ -73,6 +74,7 @@ def save_checkpoint(checkpoint_dir, model, update, progress):
     if log_file:  # Snakemake deletes a job's log before a rerun: the resumed log starts with it
         flush_logs()
         shutil.copyfile(log_file, partial / EARLIER_LOG)
+    with_umask(partial)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     for older in checkpoint_dir.glob("step-*"):
@@ -134,12 +136,11 @@ def keep_earlier_log(earlier_log, step):
     if not log_file or not earlier_log.exists():
         return
     flush_logs()
-    with open(log_file, "r+", encoding="utf-8") as f:  # the log handler appends: O_APPEND
+    resumed = f"resumed at step {step}; the lines above are from the run that stopped\n"
+    with open(log_file, "r+b") as f:  # the log handler appends (O_APPEND): its lines follow
         this_run = f.read()
         f.seek(0)
-        f.write(earlier_log.read_text(encoding="utf-8"))
-        f.write(f"resumed at step {step}; the lines above are from the run that stopped\n")
-        f.write(this_run)
+        f.write(earlier_log.read_bytes() + resumed.encode() + this_run)
         f.truncate()
 
 

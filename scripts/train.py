@@ -26,6 +26,7 @@ import torch
 from batches import batches_forever, collate, largest_batch, pack, read_tokenized
 from errors import configure_logging, entry_point
 from graceful_stop import StopOnSignal
+from outputs import with_umask
 from memory_plan import MemoryPlan, out_of_memory, plan_memory
 from provenance import run_provenance
 from model_sources import model_info, weights_phrase
@@ -240,6 +241,7 @@ def write_outputs(run, progress, train_memory, out_dir, model_path, provenance):
     adapter_dir, partial_dir = out_dir / "adapter", out_dir / "adapter.partial"
     shutil.rmtree(partial_dir, ignore_errors=True)
     run.model.save_pretrained(partial_dir, safe_serialization=True)
+    with_umask(partial_dir)  # safetensors writes 0600
     shutil.rmtree(adapter_dir, ignore_errors=True)
     partial_dir.rename(adapter_dir)
 
