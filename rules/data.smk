@@ -37,9 +37,8 @@ rule prepare_data:
 
 
 # The data the later steps read: replaced only where the bytes differ (update: Snakemake keeps
-# the old file for the comparison). As a checkpoint, Snakemake decides again after it which
-# later jobs still need to run, so data that came out as it was reruns nothing.
-checkpoint use_prepared_data:
+# the old file for the comparison), so tokenize, which reads it, keeps its outputs too.
+rule use_prepared_data:
     input:
         **rules.prepare_data.output,
     output:
@@ -54,7 +53,8 @@ checkpoint use_prepared_data:
         "../scripts/use_prepared_data.py"
 
 
-# Like use_prepared_data: outputs replaced only where the bytes differ, then a new decision.
+# Outputs replaced only where the bytes differ. As a checkpoint, Snakemake decides again after
+# it whether the training runs on it still need to run: tokens as they were retrain nothing.
 checkpoint tokenize:
     input:
         train="results/data/train.jsonl",

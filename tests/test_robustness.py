@@ -610,3 +610,70 @@ def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(tiny_model, tm
         metrics = train.train(**args)
     assert "resuming from" in caplog.text and "2 of 12 steps done" in caplog.text
     assert metrics["steps"] == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. One run per directory; files readable by the group; readable inputs
+
+def test_the_run_lock_refuses_a_live_holder_and_replaces_a_dead_one(tmp_path):
+    import run_lock
+
+    lock = tmp_path / "loranotes.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": holder.pid, "host": os.uname().nodename, "started": "10:00",
+                  "process_start": run_lock.process_start(holder.pid), "command": "snakemake all"}
+        lock.write_text(json.dumps(record))
+        with pytest.raises(run_lock.RunLockError, match=rf"pid {holder.pid} on .*: `snakemake "
+                           r"all`\); two runs would write the same outputs\. .*kill"):
+            run_lock.acquire("snakemake again", lock)
+        # another process with the same pid later (pid reuse) is not the holder
+        lock.write_text(json.dumps({**record, "process_start": record["process_start"] + 1}))
+        assert run_lock.active_holder(lock) is None
+        # a run on another host cannot be checked from here: the message says where to look
+        lock.write_text(json.dumps({**record, "host": "node7"}))
+        with pytest.raises(run_lock.RunLockError, match=rf"there, `ps -p {holder.pid}` shows "
+                           rf"whether it runs; if it does not, delete {lock}"):
+            run_lock.acquire("snakemake again", lock)
+        lock.write_text(json.dumps(record))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_lock.acquire("snakemake again", lock)["pid"] == holder.pid  # stale: replaced
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    run_lock.release(lock)
+    assert not lock.exists()
+
+
+def test_an_unreadable_dataset_source_is_named(tmp_path, monkeypatch):
+    from prepare_data import DataError, dataset_source
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("{}\n")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00.jsonl").write_text("{}\n")
+    # as root every file is readable: the permission check is what is replaced
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match=rf"dataset.source: {source} exists but this user may not "
+                       r"read it \(permission denied\); make it readable"):
+        dataset_source(str(source))
+    with pytest.raises(DataError, match="may not list the directory it"):
+        dataset_source(str(tmp_path / "shards"))
+
+
+def test_unchanged_bytes_keep_the_file_and_its_time(tmp_path):
+    from outputs import unless_unchanged
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("same\n")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    with unless_unchanged(path) as temporary:
+        temporary.write_text("same\n")
+    assert path.stat().st_mtime_ns == 1_000_000_000 and len(list(tmp_path.iterdir())) == 1
+    with unless_unchanged(path) as temporary:
+        temporary.write_text("changed\n")
+    assert path.read_text() == "changed\n" and path.stat().st_mtime_ns > 1_000_000_000
+    with pytest.raises(RuntimeError), unless_unchanged(path) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("the job failed while writing")
+    assert path.read_text() == "changed\n" and len(list(tmp_path.iterdir())) == 1
