@@ -58,9 +58,10 @@ def nothing_to_do(workdir, configfile):
 
 
 def ran_rules(output):
-    """The rules of the jobs a run executed ("rule x:" / "localrule x:" blocks)."""
+    """The rules of the jobs a run executed ("rule x:", "localcheckpoint x:", ... blocks)."""
+    kinds = ("rule ", "localrule ", "checkpoint ", "localcheckpoint ")
     return {line.split()[-1].rstrip(":") for line in output.splitlines()
-            if line.startswith(("rule ", "localrule ")) and line.endswith(":")}
+            if line.startswith(kinds) and line.endswith(":")}
 
 
 @pytest.fixture(scope="module")
