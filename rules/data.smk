@@ -12,7 +12,7 @@ rule bundled_sample:
         seed=CONFIG["dataset"]["seed"],
         topics=CONFIG["dataset"]["bundled_topics"],
     script:
-        "../scripts/bundled_sample.py"
+        "../scripts/jobs/bundled_sample.py"
 
 
 # Read, check and split the dataset into a folder of its own settings
@@ -33,7 +33,7 @@ rule prepare_data:
     params:
         dataset=CONFIG["dataset"],
     script:
-        "../scripts/prepare_data.py"
+        "../scripts/jobs/prepare_data.py"
 
 
 # The data the later steps read: replaced only where the bytes differ (update: Snakemake keeps
@@ -50,7 +50,7 @@ rule use_prepared_data:
     conda:
         "../envs/loranotes.yaml"
     script:
-        "../scripts/use_prepared_data.py"
+        "../scripts/jobs/use_prepared_data.py"
 
 
 # Outputs replaced only where the bytes differ. As a checkpoint, Snakemake decides again after
@@ -73,4 +73,4 @@ checkpoint tokenize:
         model_path=lambda w: model_path(tokenized_settings(w)["model_name"]),
         max_length=lambda w: tokenized_settings(w)["max_length"],
     script:
-        "../scripts/tokenize_data.py"
+        "../scripts/jobs/tokenize_data.py"
