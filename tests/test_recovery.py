@@ -97,9 +97,10 @@ def test_data_that_comes_out_the_same_reruns_nothing_after_it(small_run):
                            write_config(small_run, "copy.yaml", source="same-rows.jsonl"))
     # the split is the same, so are the tokens: nothing is retrained; stats.json (it names the
     # file read) and the report change
-    ran = ran_rules(result.stdout + result.stderr)
-    assert {"prepare_data", "use_prepared_data", "tokenize", "report"} <= ran, result.stdout
-    assert "train" not in ran and "Updating checkpoint dependencies" in result.stdout
+    output = result.stdout + result.stderr
+    ran = ran_rules(output)
+    assert {"prepare_data", "use_prepared_data", "tokenize", "report"} <= ran, output
+    assert "train" not in ran and "Updating checkpoint dependencies" in output
     assert times(small_run, DATA + TRAINED) == before
     assert "`same-rows.jsonl`: 40 rows, 40 usable" in (small_run / TARGET).read_text()
     assert nothing_to_do(small_run, "copy.yaml")
