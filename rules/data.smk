@@ -37,7 +37,7 @@ rule prepare_data:
 
 
 # The data the later steps read: replaced only where the bytes differ (update: Snakemake keeps
-# the old file for the comparison), so tokenize, which reads it, keeps its outputs too.
+# the old file for the comparison); tokenize, which reads it, likewise.
 rule use_prepared_data:
     input:
         **rules.prepare_data.output,
@@ -54,7 +54,8 @@ rule use_prepared_data:
 
 
 # Outputs replaced only where the bytes differ. As a checkpoint, Snakemake decides again after
-# it whether the training runs on it still need to run: tokens as they were retrain nothing.
+# it whether the training runs on it still need to run: tokens with the checksums it recorded
+# for them retrain nothing.
 checkpoint tokenize:
     input:
         train="results/data/train.jsonl",

@@ -2,9 +2,10 @@
 data steps, not at all when the bytes are what is already there.
 
 - `unless_unchanged(path)`: the new version is written to a temporary file beside `path`, which
-  replaces `path` only when its bytes differ, so an unchanged output keeps its file and its
-  modification time. Snakemake decides reruns by those times (an input newer than an output
-  reruns it), so rewriting identical data would rerun every job after it.
+  replaces `path` only when its bytes differ, so an unchanged output is left as it was and a
+  failed write leaves the old one. (Snakemake touches a job's outputs when it ends; what keeps
+  the jobs after it from rerunning is the checksum Snakemake recorded for their inputs, see
+  profiles/default/config.yaml, and the `tokenize` checkpoint.)
 - `with_umask(path)`: safetensors writes its files mode 0600 whatever the umask (its writer
   opens them so); collaborators on a shared filesystem then cannot read adapters, checkpoints or
   built models. Everything under `path` gets the mode the user's umask gives (0644 and 0755

@@ -122,7 +122,7 @@ def main(snakemake):
         if frame.empty:
             raise DataError(f"tokenize: no {split} conversation keeps an assistant token "
                             f"within max_length={max_length}; raise max_length")
-        # Same tokens as before: the file and its time stay, and no training reruns for it.
+        # Same tokens as before: the file is left as it was (unless_unchanged).
         with unless_unchanged(getattr(snakemake.output, split)) as temporary:
             frame.to_parquet(temporary)
         stats[split] = counts

@@ -1,6 +1,7 @@
 """Make the prepared split of the current dataset settings the data every later step reads
 (results/data/{train,eval}.jsonl, stats.json): each file is replaced only where its bytes differ,
-so data that came out as it was keeps its file and time and reruns nothing after it. Then the
+so data that came out as it was is left as it was (and its checksum, which Snakemake recorded,
+reruns nothing after it). Then the
 prepared folders of other settings go (this one stays: it is the data step's record)."""
 
 import logging
@@ -32,7 +33,7 @@ def main(snakemake):
     replaced = use_prepared(list(snakemake.input), list(snakemake.output))
     for target, was_replaced in replaced.items():
         log.info("%s: %s", target, "updated" if was_replaced else
-                 "unchanged (same bytes; the file and its time are kept)")
+                 "unchanged (same bytes; left as it was)")
     remove_other_prepared(Path(snakemake.input.train).parent)
 
 
