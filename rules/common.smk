@@ -18,8 +18,9 @@ from experiment_config import (
     run_training,
     validate_config,
 )  # noqa: E402
-from prepare_data import BUNDLED_SAMPLE, dataset_source  # noqa: E402
+from prepare_data import BUNDLED_SAMPLE, dataset_source, prepared_dir  # noqa: E402
 import model_sources  # noqa: E402
+import run_lock  # noqa: E402
 
 CONFIG_FILES = workflow.overwrite_configfiles or [
     Path(workflow.basedir) / "config.yaml"
@@ -37,6 +38,36 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 VARIANTS = CONFIG["variants"]
 MODELS = CONFIG["models"]
+
+# One run per directory (scripts/run_lock.py): a run that starts jobs holds the lock until it
+# ends; any invocation (a dry run, --unlock) says when another run is active. Not in the jobs
+# Snakemake starts on other machines (SLURM), which run under the main run's lock.
+if workflow.is_main_process:
+    ACTIVE_RUN = run_lock.active_holder()
+    if ACTIVE_RUN:
+        print(f"loranotes: note: {run_lock.refusal(ACTIVE_RUN)}", file=sys.stderr)
+
+
+onstart:
+    try:
+        stale = run_lock.acquire(shlex.join(sys.argv))
+    except run_lock.RunLockError as error:
+        raise WorkflowError(str(error)) from None
+    if stale:
+        print(
+            "loranotes: the run before "
+            f"({run_lock.describe(stale)}) ended without finishing (killed?); its lock is replaced",
+            file=sys.stderr,
+        )
+
+
+onsuccess:
+    run_lock.release()
+
+
+onerror:
+    run_lock.release()
+
 
 # Provenance (scripts/provenance.py): the command the user typed and the config files, as the
 # jobs' environment (the job processes inherit it, SLURM jobs through --export=ALL). Not params:
@@ -59,6 +90,10 @@ def dataset_files():
     directory's shards), so that editing one reruns it; a hub dataset is no file."""
     dataset = CONFIG["dataset"]
     return {"data": list(dataset_source(dataset["source"], dataset["split"]).files)}
+
+
+# The data step's own folder for these dataset settings (prepare_data.prepared_dir).
+PREPARED_DATA = prepared_dir(CONFIG["dataset"])
 
 
 # The bundled sample's topics and the built models' pretraining text (an input: editing it reruns them).

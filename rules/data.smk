@@ -15,13 +15,17 @@ rule bundled_sample:
         "../scripts/jobs/bundled_sample.py"
 
 
+# Read, check and split the dataset into a folder of its own settings
+# (results/data/prepared/<settings hash>): a data job that fails never touches the data the
+# later steps read, nor Snakemake's record of it, so going back to the settings that worked
+# has nothing to rerun.
 rule prepare_data:
     input:
         **dataset_files(),
     output:
-        train="results/data/train.jsonl",
-        eval="results/data/eval.jsonl",
-        stats="results/data/stats.json",
+        train=f"{PREPARED_DATA}/train.jsonl",
+        eval=f"{PREPARED_DATA}/eval.jsonl",
+        stats=f"{PREPARED_DATA}/stats.json",
     log:
         "results/logs/prepare_data.log",
     conda:
@@ -32,15 +36,35 @@ rule prepare_data:
         "../scripts/jobs/prepare_data.py"
 
 
-rule tokenize:
+# The data the later steps read: replaced only where the bytes differ (update: Snakemake keeps
+# the old file for the comparison); tokenize, which reads it, likewise.
+rule use_prepared_data:
+    input:
+        **rules.prepare_data.output,
+    output:
+        train=update("results/data/train.jsonl"),
+        eval=update("results/data/eval.jsonl"),
+        stats=update("results/data/stats.json"),
+    log:
+        "results/logs/use_prepared_data.log",
+    conda:
+        "../envs/loranotes.yaml"
+    script:
+        "../scripts/jobs/use_prepared_data.py"
+
+
+# Outputs replaced only where the bytes differ. As a checkpoint, Snakemake decides again after
+# it whether the training runs on it still need to run: tokens with the checksums it recorded
+# for them retrain nothing.
+checkpoint tokenize:
     input:
         train="results/data/train.jsonl",
         eval="results/data/eval.jsonl",
         model=lambda w: model_files(tokenized_settings(w)["model_name"]),
     output:
-        train="results/tokenized/{tokenized}/train.parquet",
-        eval="results/tokenized/{tokenized}/eval.parquet",
-        stats="results/tokenized/{tokenized}/stats.json",
+        train=update("results/tokenized/{tokenized}/train.parquet"),
+        eval=update("results/tokenized/{tokenized}/eval.parquet"),
+        stats=update("results/tokenized/{tokenized}/stats.json"),
     log:
         "results/logs/tokenize/{tokenized}.log",
     conda:

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 
 from bundled_sample import load_knowledge, select_topics
 from errors import configure_logging, entry_point
+from outputs import with_umask
 from model_sources import BUILT_MODEL_RECORD, architecture_spec
 from modeling import load_tokenizer
 from pretrain import knowledge_documents, pretrain, pretrain_settings
@@ -123,6 +124,7 @@ def build_model(spec, texts, out_dir, seed=0, tokenizer=None, pretraining=None):
     n_params = sum(p.numel() for p in model.parameters())
     info = {"built_by": "loranotes", "architecture": architecture, "parameters": n_params, **weights}
     (out_dir / BUILT_MODEL_RECORD).write_text(json.dumps(info, indent=2) + "\n")
+    with_umask(out_dir)  # safetensors writes 0600
     log.info("built %s (%s weights): %s parameters, vocab %d (tokenizer %d)", architecture,
              info["weights"], f"{n_params:,}", config.vocab_size, len(tokenizer))
     return info

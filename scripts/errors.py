@@ -41,10 +41,15 @@ def first_line(error):
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+# The log file of the job under way: set by configure_logging, cleared when main ends.
+_job_log = {"path": None}
+
+
 def configure_logging(snakemake):
     """The job's messages go to its log file and, as progress, to the terminal, where lines of
     jobs running side by side are told apart by their prefix ("[train v1] step 10/100 ...")."""
     logging.basicConfig(filename=snakemake.log[0], level=logging.INFO, format="%(message)s")
+    _job_log["path"] = str(snakemake.log[0])
     wildcards = getattr(snakemake, "wildcards", [])
     label = " ".join([getattr(snakemake, "rule", "loranotes"), *map(str, wildcards)])
     to_terminal = logging.StreamHandler()
@@ -60,16 +65,35 @@ def configure_logging(snakemake):
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
 
 
+def job_log_file():
+    """The log file of the job under way (configure_logging's), or None outside a job."""
+    return _job_log["path"]
+
+
+def flush_logs():
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def entry_point(main):
-    """Decorate a script's main(snakemake): a LoranotesError becomes one line and exit code 1."""
+    """Decorate a script's main(snakemake): a LoranotesError becomes one line and exit code 1;
+    Ctrl-C one line and exit code 130 (128 + SIGINT, as a shell reports it), not a traceback."""
 
     @functools.wraps(main)
     def run(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except LoranotesError as error:
-            message = f"loranotes: {error}"
-            logging.getLogger("loranotes").error(message)  # into the job's log
-            sys.exit(message)  # onto the terminal, exit code 1, no traceback
+            exit_with(f"loranotes: {error}", 1)
+        except KeyboardInterrupt:
+            exit_with("loranotes: interrupted (Ctrl-C); rerun the same command to go on", 130)
+        finally:
+            _job_log["path"] = None  # the job is over (tests run several mains in one process)
 
     return run
+
+
+def exit_with(message, exit_code):
+    logging.getLogger("loranotes").error(message)  # into the job's log
+    print(message, file=sys.stderr)  # onto the terminal, no traceback
+    sys.exit(exit_code)

@@ -16,6 +16,7 @@ given the seed, and the eval set is drawn first, so changing num_train keeps the
 import hashlib
 import json
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ READ_SUFFIXES = (".jsonl", ".json", ".parquet")
 # Files people keep datasets in that are not read: a source ending so is a file, never a hub id.
 OTHER_DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".arrow", ".xlsx", ".xls", ".gz", ".zip", ".tar", ".pkl")
 BUNDLED_SAMPLE = "results/data/bundled_sample.jsonl"  # the bundled_sample rule's output
+PREPARED_ROOT = "results/data/prepared"  # one folder per dataset settings (prepared_dir)
 
 
 class DataError(LoranotesError, ValueError):
@@ -47,6 +49,13 @@ class DatasetSource:
     location: str
     files: tuple = ()
     split: str | None = None
+
+
+def prepared_dir(dataset):
+    """Where the data step writes its split for these dataset settings: a folder named by
+    their hash, so a failed job for other settings never touches it."""
+    settings = json.dumps(dataset, sort_keys=True, ensure_ascii=False)
+    return f"{PREPARED_ROOT}/{hashlib.sha256(settings.encode()).hexdigest()[:12]}"
 
 
 def looks_local(source):
@@ -70,12 +79,15 @@ def dataset_source(source, split="train_sft"):
     path = Path(source).expanduser()
     accepted = ", ".join(READ_SUFFIXES)
     if path.is_dir():
+        check_readable(path, os.R_OK | os.X_OK)
         entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
         shards = [p for p in entries if p.suffix.lower() in READ_SUFFIXES]
         if not shards:
             found = ", ".join(p.name for p in entries[:5]) or "nothing"
             raise DataError(f"dataset.source: the directory {source} has no {accepted} files "
                             f"(it has: {found}); put the shards there or point source at one file")
+        for shard in shards:
+            check_readable(shard)
         return DatasetSource("directory", source, tuple(str(p) for p in shards), split)
     if not path.exists():
         raise DataError(f"dataset.source: {source} does not exist (a hub dataset id looks like "
@@ -84,7 +96,17 @@ def dataset_source(source, split="train_sft"):
         raise DataError(f"dataset.source: {source} is a {path.suffix or 'suffix-less'} file; "
                         f"accepted: {accepted} files or a directory of them (pandas converts "
                         "a .csv: pd.read_csv(path).to_json(out, orient='records', lines=True))")
+    check_readable(path)
     return DatasetSource("file", source, (source,), split)
+
+
+def check_readable(path, mode=os.R_OK):
+    """A DataError naming dataset.source when this process may not read `path`."""
+    if not os.access(path, mode):
+        what = "list the directory" if Path(path).is_dir() else "read"
+        raise DataError(f"dataset.source: {path} exists but this user may not {what} it "
+                        "(permission denied); make it readable (chmod a+r, and a+x on its "
+                        "directories) or point source at a copy")
 
 
 class SourceRows:

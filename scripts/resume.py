@@ -1,7 +1,8 @@
-"""Resumable training state: every `checkpoint_every` steps the run's whole state (LoRA weights,
-optimizer, scheduler, RNG, the per-step records) goes to results/checkpoints/<variant>/step-N; a
-rerun after a crash or `kill -9` resumes from the latest one of the very same run and ends
-exactly where an uninterrupted run would.
+"""Resumable training state: every `checkpoint_every` steps, and when a stop signal ends the run
+(graceful_stop.py), the run's whole state (LoRA weights, optimizer, scheduler, RNG, the per-step
+records, the job's log so far) goes to results/checkpoints/<variant>/seed-<seed>/step-N; a rerun
+after a crash, `kill -9` or a stop resumes from the latest one of the very same run, ends exactly
+where an uninterrupted run would, and its log starts with the earlier run's lines.
 """
 
 import contextlib
@@ -14,11 +15,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from errors import flush_logs, job_log_file
+from outputs import with_umask
+
 log = logging.getLogger("loranotes.train")
 
 # Settings a run may change and still resume its checkpoint: they trade memory for speed and
 # leave the computation as it was (after running out of memory, checkpoint more and rerun).
 RESUMABLE_CHANGES = {"checkpoint_every", "gradient_checkpointing", "memory_budget_gb"}
+EARLIER_LOG = "job.log"  # in a checkpoint: the job's log up to it
 
 
 def run_fingerprint(model_path, quantization, training, lora, data_paths):
@@ -65,6 +70,11 @@ def save_checkpoint(checkpoint_dir, model, update, progress):
     }
     torch.save({**update.state_dict(), "rng": rng}, partial / "optimizer.pt")
     (partial / "progress.json").write_text(json.dumps(progress))
+    log_file = job_log_file()
+    if log_file:  # Snakemake deletes a job's log before a rerun: the resumed log starts with it
+        flush_logs()
+        shutil.copyfile(log_file, partial / EARLIER_LOG)
+    with_umask(partial)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     for older in checkpoint_dir.glob("step-*"):
@@ -113,9 +123,25 @@ def resume(checkpoint_dir, fingerprint, model, update, total_steps):
         return None
     path, progress = checkpoint
     restore_checkpoint(path, model, update)
+    keep_earlier_log(path / EARLIER_LOG, len(progress["steps"]))
     log.info("resuming from %s: %d of %d steps done", path, len(progress["steps"]),
              total_steps)
     return progress
+
+
+def keep_earlier_log(earlier_log, step):
+    """Put the stopped run's log (up to its checkpoint) before this run's lines, then a
+    "resumed at step N" line: the job's log tells the whole run."""
+    log_file = job_log_file()
+    if not log_file or not earlier_log.exists():
+        return
+    flush_logs()
+    resumed = f"resumed at step {step}; the lines above are from the run that stopped\n"
+    with open(log_file, "r+b") as f:  # the log handler appends (O_APPEND): its lines follow
+        this_run = f.read()
+        f.seek(0)
+        f.write(earlier_log.read_bytes() + resumed.encode() + this_run)
+        f.truncate()
 
 
 def remove_checkpoints(checkpoint_dir):

@@ -14,6 +14,7 @@ import pandas as pd
 from chat_format import IGNORE_INDEX, PromptFormat, labels_unlike_roles, tokenize_conversation
 from errors import configure_logging, entry_point
 from modeling import load_tokenizer
+from outputs import unless_unchanged
 from prepare_data import DataError
 
 log = logging.getLogger("loranotes.tokenize")
@@ -121,10 +122,12 @@ def main(snakemake):
         if frame.empty:
             raise DataError(f"tokenize: no {split} conversation keeps an assistant token "
                             f"within max_length={max_length}; raise max_length")
-        frame.to_parquet(getattr(snakemake.output, split))
+        # Same tokens as before: the file is left as it was (unless_unchanged).
+        with unless_unchanged(getattr(snakemake.output, split)) as temporary:
+            frame.to_parquet(temporary)
         stats[split] = counts
-    with open(snakemake.output.stats, "w") as f:
-        json.dump(stats, f, indent=2)
+    with unless_unchanged(snakemake.output.stats) as temporary:
+        temporary.write_text(json.dumps(stats, indent=2))
 
 
 if __name__ == "__main__":

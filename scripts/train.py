@@ -25,6 +25,8 @@ import torch
 
 from batches import batches_forever, collate, largest_batch, pack, read_tokenized
 from errors import configure_logging, entry_point
+from graceful_stop import StopOnSignal
+from outputs import with_umask
 from memory_plan import MemoryPlan, out_of_memory, plan_memory
 from provenance import run_provenance
 from model_sources import model_info, weights_phrase
@@ -85,7 +87,10 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     progress = resume_or_start(run, checkpoint_dir, fingerprint, update, batches)
 
     peak = TrainingPeak(run.device)
-    train_steps(run, update, batches, progress, checkpoint_dir, peak)
+    # SIGTERM/SIGINT: the step under way ends, its checkpoint is written, the run stops
+    with StopOnSignal(lambda step: bool(checkpoint_dir) and save_checkpoint(
+            checkpoint_dir, run.model, update, progress)) as stop:
+        train_steps(run, update, batches, progress, checkpoint_dir, peak, stop)
     before, after = progress["evaluations"][0], progress["evaluations"][-1]
     log.info("eval loss after training: %s (before %s)", with_error(after["loss"], after["loss_se"]),
              with_error(before["loss"], before["loss_se"]))
@@ -151,8 +156,9 @@ def resume_or_start(run, checkpoint_dir, fingerprint, update, batches):
             "evaluations": [{"step": 0, **asdict(before)}]}
 
 
-def train_steps(run, update, batches, progress, checkpoint_dir, peak):
-    """The steps not done yet, each recorded in `progress`, evaluated and checkpointed when due."""
+def train_steps(run, update, batches, progress, checkpoint_dir, peak, stop):
+    """The steps not done yet, each recorded in `progress`, evaluated and checkpointed when due;
+    after each, `stop` (graceful_stop.StopOnSignal) ends the run if a stop was asked."""
     training = run.training
     for step in range(len(progress["steps"]) + 1, training["steps"] + 1):
         window = [next(batches) for _ in range(training["grad_accum"])]
@@ -173,6 +179,7 @@ def train_steps(run, update, batches, progress, checkpoint_dir, peak):
                      with_error(evaluation.loss, evaluation.loss_se), evaluation.accuracy)
         if checkpoint_dir and checkpoint_due(step, training):
             save_checkpoint(checkpoint_dir, run.model, update, progress)
+        stop.check(step)
 
 
 def with_error(loss, standard_error):
@@ -234,6 +241,7 @@ def write_outputs(run, progress, train_memory, out_dir, model_path, provenance):
     adapter_dir, partial_dir = out_dir / "adapter", out_dir / "adapter.partial"
     shutil.rmtree(partial_dir, ignore_errors=True)
     run.model.save_pretrained(partial_dir, safe_serialization=True)
+    with_umask(partial_dir)  # safetensors writes 0600
     shutil.rmtree(adapter_dir, ignore_errors=True)
     partial_dir.rename(adapter_dir)
 

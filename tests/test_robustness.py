@@ -219,7 +219,7 @@ def test_bad_rows_are_skipped_counted_logged_and_reported(tiny_run):
             f"conversations ({train['kept_whole']} whole, {train['shortened']} shortened") in report
 
 
-def test_a_dataset_empty_after_filtering_stops_with_one_line(tmp_path, caplog):
+def test_a_dataset_empty_after_filtering_stops_with_one_line(tmp_path, caplog, capsys):
     source = tmp_path / "bad.jsonl"
     source.write_text("\n".join(BAD_ROWS) + "\n")
     log = tmp_path / "prepare_data.log"
@@ -232,7 +232,8 @@ def test_a_dataset_empty_after_filtering_stops_with_one_line(tmp_path, caplog):
     )
     with pytest.raises(SystemExit) as stop:
         prepare_data_main(snakemake)
-    message = str(stop.value.code)
+    assert stop.value.code == 1
+    message = capsys.readouterr().err.strip()
     assert message.startswith("loranotes: no usable conversations out of 6 rows")
     assert "\n" not in message
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [message]  # logged
@@ -398,6 +399,92 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_like_an_uninterrupted
     assert not (tmp_path / "checkpoints").exists()  # a finished run cleans up after itself
 
 
+# Runs the training of main(snakemake) (as the train rule does, log file included) in a fresh
+# process that sends itself `signal` while step `at_step` is under way (at its first training
+# forward pass), as SLURM does ahead of a time limit or a user with Ctrl-C.
+SIGNALLED_PROGRAM = """
+import json, os, signal, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from peft import PeftModel
+import train
+from errors import configure_logging
+from types import SimpleNamespace
+
+args, at_step, signal_name, log_file = json.loads(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+configure_logging(SimpleNamespace(log=[log_file], rule="train", wildcards=[]))
+forwards = []
+
+def signal_during_step(module, inputs):
+    if torch.is_grad_enabled() and isinstance(module, PeftModel):
+        forwards.append(1)
+        if len(forwards) == (at_step - 1) * args["training"]["grad_accum"] + 1:
+            os.kill(os.getpid(), getattr(signal, signal_name))
+
+torch.nn.modules.module.register_module_forward_pre_hook(signal_during_step)
+train.main = train.entry_point(lambda _: train.train(**args))
+train.main(None)
+"""
+
+
+def run_signalled(tiny_model, args, at_step, signal_name, log_file):
+    return subprocess.run(
+        [sys.executable, "-c", SIGNALLED_PROGRAM, str(REPO / "scripts"), json.dumps(args),
+         str(at_step), signal_name, str(log_file)],
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.mark.parametrize("signal_name, exit_code", [("SIGTERM", 1)])
+def test_a_stop_signal_checkpoints_the_step_and_the_rerun_ends_like_an_uninterrupted_run(
+    tiny_model, tmp_path, one_thread, signal_name, exit_code
+):
+    # checkpoint_every 0: no periodic checkpoint, so whatever resumes is the stop's own
+    args = train_args(tiny_model, tmp_path / "stopped", tmp_path / "checkpoints", eval_every=5,
+                      checkpoint_every=0)
+    log_file = tmp_path / "train.log"
+    stopped = run_signalled(tiny_model, args, 7, signal_name, log_file)
+
+    assert stopped.returncode == exit_code, stopped.stderr
+    message = f"loranotes: stopped at step 7 by {signal_name}; checkpoint saved; rerun to resume"
+    assert stopped.stderr.strip().splitlines()[-1] == message, stopped.stderr
+    assert "Traceback" not in stopped.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-7"]
+    assert not (tmp_path / "stopped" / "adapter").exists()
+    first_log = log_file.read_text()
+    assert "eval loss before training" in first_log and first_log.rstrip().endswith(message)
+
+    # The rerun, as Snakemake starts it: a fresh log file (Snakemake deletes the old one).
+    log_file.unlink()
+    rerun = subprocess.run(
+        [sys.executable, "-c", SIGNALLED_PROGRAM, str(REPO / "scripts"), json.dumps(args),
+         "0", signal_name, str(log_file)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    expected = train.train(**train_args(tiny_model, tmp_path / "uninterrupted", eval_every=5,
+                                        checkpoint_every=0))
+
+    columns = ["step", "loss", "token_accuracy", "lr", "grad_norm", "eval_loss", "eval_accuracy"]
+    resumed_log = pd.read_csv(tmp_path / "stopped" / "train_log.csv")[columns]
+    expected_log = pd.read_csv(tmp_path / "uninterrupted" / "train_log.csv")[columns]
+    pd.testing.assert_frame_equal(resumed_log, expected_log, check_exact=False, rtol=0, atol=1e-6)
+    resumed = json.loads((tmp_path / "stopped" / "metrics.json").read_text())
+    for key in ("final_train_loss", "eval_loss_before", "eval_loss_after", "train_examples_seen"):
+        assert resumed[key] == pytest.approx(expected[key], abs=1e-6)
+    adapter = "adapter/adapter_model.safetensors"
+    assert (tmp_path / "stopped" / adapter).read_bytes() == \
+        (tmp_path / "uninterrupted" / adapter).read_bytes()
+    # The job's log tells the whole run: the stopped part, then where it resumed.
+    text = log_file.read_text()
+    # (the checkpoint has the log up to its writing; the stop's last line came after)
+    assert text.startswith(first_log.removesuffix(message + "\n"))
+    assert f"stopping at step 7 ({signal_name}): saving its checkpoint" in text
+    assert "resumed at step 7; the lines above are from the run that stopped" in text
+    assert "resuming from " in text and "7 of 12 steps done" in text
+    assert "step 12/12  eval loss" in text
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     stale = tmp_path / "checkpoints" / "step-4"
     stale.mkdir(parents=True)
@@ -523,3 +610,70 @@ def test_out_of_gpu_memory_stops_with_the_step_and_what_to_change(tiny_model, tm
         metrics = train.train(**args)
     assert "resuming from" in caplog.text and "2 of 12 steps done" in caplog.text
     assert metrics["steps"] == 12
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. One run per directory; files readable by the group; readable inputs
+
+def test_the_run_lock_refuses_a_live_holder_and_replaces_a_dead_one(tmp_path):
+    import run_lock
+
+    lock = tmp_path / "loranotes.lock"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"pid": holder.pid, "host": os.uname().nodename, "started": "10:00",
+                  "process_start": run_lock.process_start(holder.pid), "command": "snakemake all"}
+        lock.write_text(json.dumps(record))
+        with pytest.raises(run_lock.RunLockError, match=rf"pid {holder.pid} on .*: `snakemake "
+                           r"all`\); two runs would write the same outputs\. .*kill"):
+            run_lock.acquire("snakemake again", lock)
+        # another process with the same pid later (pid reuse) is not the holder
+        lock.write_text(json.dumps({**record, "process_start": record["process_start"] + 1}))
+        assert run_lock.active_holder(lock) is None
+        # a run on another host cannot be checked from here: the message says where to look
+        lock.write_text(json.dumps({**record, "host": "node7"}))
+        with pytest.raises(run_lock.RunLockError, match=rf"there, `ps -p {holder.pid}` shows "
+                           rf"whether it runs; if it does not, delete {lock}"):
+            run_lock.acquire("snakemake again", lock)
+        lock.write_text(json.dumps(record))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_lock.acquire("snakemake again", lock)["pid"] == holder.pid  # stale: replaced
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    run_lock.release(lock)
+    assert not lock.exists()
+
+
+def test_an_unreadable_dataset_source_is_named(tmp_path, monkeypatch):
+    from prepare_data import DataError, dataset_source
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("{}\n")
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00.jsonl").write_text("{}\n")
+    # as root every file is readable: the permission check is what is replaced
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match=rf"dataset.source: {source} exists but this user may not "
+                       r"read it \(permission denied\); make it readable"):
+        dataset_source(str(source))
+    with pytest.raises(DataError, match="may not list the directory it"):
+        dataset_source(str(tmp_path / "shards"))
+
+
+def test_unchanged_bytes_keep_the_file_and_its_time(tmp_path):
+    from outputs import unless_unchanged
+
+    path = tmp_path / "data.jsonl"
+    path.write_text("same\n")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    with unless_unchanged(path) as temporary:
+        temporary.write_text("same\n")
+    assert path.stat().st_mtime_ns == 1_000_000_000 and len(list(tmp_path.iterdir())) == 1
+    with unless_unchanged(path) as temporary:
+        temporary.write_text("changed\n")
+    assert path.read_text() == "changed\n" and path.stat().st_mtime_ns > 1_000_000_000
+    with pytest.raises(RuntimeError), unless_unchanged(path) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("the job failed while writing")
+    assert path.read_text() == "changed\n" and len(list(tmp_path.iterdir())) == 1

@@ -14,6 +14,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -191,7 +192,9 @@ def test_every_job_went_through_sbatch_and_left_a_slurm_log(slurm_run, submitted
         assert log.relative_to(logdir).parts[0] == f"rule_{rule}"
         text = log.read_text()
         # the SLURM job ran snakemake's job step for exactly this rule
-        assert f"rule {rule}:" in text and "--executor slurm-jobstep" in text, log
+        # ("checkpoint tokenize:": Snakemake decides again after it)
+        assert re.search(rf"^(rule|checkpoint) {rule}:", text, re.M), log
+        assert "--executor slurm-jobstep" in text, log
     assert len({slurm_id for _, slurm_id, _ in submitted_jobs}) == len(submitted_jobs)
 
 
@@ -279,3 +282,65 @@ def test_a_failing_job_fails_the_run(slurm_cluster, tmp_path):
     # the batch script is snakemake's job step, which exits 1 when its rule fails
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", job
     assert not (tmp_path / "out.txt").exists()
+
+
+def test_a_train_job_at_its_time_limit_resumes_where_it_stopped(slurm_cluster, tmp_path):
+    """The profile as shipped (its --signal ahead of the time limit, its retries), with one
+    change: a 4-minute time limit for train, so that a long training hits it. The first job
+    stops with a checkpoint of the step it was at; the retry resumes there (no periodic
+    checkpoints: checkpoint_every 0). The test ends once the retry has resumed."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["dataset"].update(num_train=40, num_eval=8)
+    config["training"].update(steps=3000, checkpoint_every=0, eval_every=0, seeds=[0],
+                              max_length=128)
+    del config["models"]["tiny-llama"]
+    config["models"]["tiny-qwen3"]["init"]["pretrain"] = {"steps": 10}
+    config["variants"] = {"v1": {"title": "long", "model": "tiny-qwen3", "quantization": "none"}}
+    config["comparisons"] = []
+    (workdir / "long.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    profile_file = workdir / PROFILE / "config.yaml"
+    profile = yaml.safe_load(profile_file.read_text())
+    assert "--signal=TERM@" in profile["set-resources"]["train"]["slurm_extra"]
+    assert profile["retries"] >= 1
+    profile["set-resources"]["train"]["runtime"] = 4  # minutes
+    profile_file.write_text(yaml.safe_dump(profile, sort_keys=False))
+
+    log = workdir / "results/logs/train/v1/seed-0.log"
+    process, command = _start_snakemake(workdir, "results/variants/v1/seed-0/metrics.json",
+                                        "--profile", PROFILE, *FAST_STATUS,
+                                        "--configfile", "long.yaml")
+    deadline = time.monotonic() + 900
+    try:
+        while not (log.exists() and "steps done" in log.read_text()):
+            assert process.poll() is None, (workdir / "snakemake.out").read_text()[-8000:]
+            assert time.monotonic() < deadline, f"no resume within 900 s\n{_squeue()}"
+            time.sleep(2)
+    finally:
+        process.send_signal(signal.SIGINT)  # snakemake cancels its SLURM jobs
+        try:
+            process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        job_ids = [slurm_id for _, slurm_id, _ in
+                   SUBMITTED.findall((workdir / "snakemake.out").read_text())]
+        subprocess.run(["scancel", *job_ids], timeout=30)
+
+    output = (workdir / "snakemake.out").read_text()
+    train_jobs = [(slurm_id, Path(path)) for _, slurm_id, path in SUBMITTED.findall(output)
+                  if "/rule_train/" in path]
+    assert len(train_jobs) >= 2, output[-8000:]
+    (first_id, first_log), (second_id, second_log) = train_jobs[:2]
+    stopped = re.search(r"loranotes: stopped at step (\d+) by SIGTERM; checkpoint saved; "
+                        r"rerun to resume", first_log.read_text())
+    assert stopped, first_log.read_text()[-4000:]
+    step = int(stopped.group(1))
+    assert 0 < step < 3000
+    assert "Trying to restart job" in output
+    resumed = (f"resuming from results/checkpoints/v1/seed-0/step-{step}: "
+               f"{step} of 3000 steps done")
+    assert resumed in second_log.read_text(), second_log.read_text()[-4000:]
+    # the job's own log tells both parts
+    text = log.read_text()
+    assert f"resumed at step {step}; the lines above are from the run that stopped" in text
+    assert text.index("eval loss before training") < text.index(resumed)
