@@ -16,9 +16,11 @@ from experiment_config import (
     check_models,
     resolve_config,
     run_training,
+    sweep_plot_name,
     validate_config,
 )  # noqa: E402
 from prepare_data import BUNDLED_SAMPLE, dataset_source  # noqa: E402
+from trackers import run_tracking  # noqa: E402
 import model_sources  # noqa: E402
 
 CONFIG_FILES = workflow.overwrite_configfiles or [
@@ -37,6 +39,7 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 VARIANTS = CONFIG["variants"]
 MODELS = CONFIG["models"]
+SWEEPS = CONFIG["sweeps"]
 
 # Provenance (scripts/provenance.py): the command the user typed and the config files, as the
 # jobs' environment (the job processes inherit it, SLURM jobs through --export=ALL). Not params:
@@ -52,6 +55,9 @@ wildcard_constraints:
     model="|".join(MODELS),
     quant="nf4|none",
     seed=r"\d+",
+    # plot names: comparisons (and all_variants), sweep plots (experiment_config refuses a clash)
+    name="|".join(["all_variants", *(c["name"] for c in CONFIG["comparisons"])]),
+    sweep="|".join(SWEEPS) or "no-sweeps",
 
 
 def dataset_files():
@@ -154,6 +160,21 @@ def get_run_settings(wildcards):
         "training": run_training(variant, wildcards.seed),
         "lora": variant["lora"],
     }
+
+
+def get_run_tracking(wildcards):
+    """The trackers a run logs to, its tracker run name and group (trackers.run_tracking)."""
+    variant = VARIANTS[wildcards.variant]
+    return run_tracking(variant["logging"], wildcards.variant, wildcards.seed)
+
+
+def tracked(variant):
+    """Whether a variant's runs are logged to a tracker."""
+    return bool(VARIANTS[variant]["logging"])
+
+
+def sweep_plots():
+    return [f"results/plots/{sweep_plot_name(sweep)}.png" for sweep in SWEEPS]
 
 
 def comparison_plots():
