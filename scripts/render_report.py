@@ -229,7 +229,7 @@ def sweep_sections(config, sweeps, plots, report_dir):
         if best and not missing(best.get("margin")):
             decimals = None if missing(best.get("decimals")) else int(best["decimals"])
             best["shown_margin"] = fixed(best["margin"], decimals)
-        sections.append({"name": name, "from": sweep["from"], "keys": sweep["keys"],
+        sections.append({"name": name, "from": sweep["from"], "swept_keys": sweep["keys"],
                          "points": points, "best": best,
                          "plot": os.path.relpath(plot, report_dir)})
     return sections
