@@ -84,11 +84,12 @@ class TensorBoard:
         if record is None and self.log_dir.is_dir():
             shutil.rmtree(self.log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self.configs = 0  # config texts written: the settings (step 0), the provenance (1)
 
-    def config(self, values):  # settings at the start (step 0), provenance at the end (1)
-        self.configs = getattr(self, "configs", -1) + 1
+    def config(self, values):
         self.writer.add_text("config", "```\n" + json.dumps(values, indent=2, default=str) + "\n```",
                              global_step=self.configs)
+        self.configs += 1
 
     def metrics(self, values, step):
         for key, value in values.items():
@@ -277,6 +278,9 @@ def open_trackers(tracking, settings, record_path=None, rank=0):
                                                      tracking["group"])
         except Exception as error:  # noqa: BLE001
             trackers._drop(name, "start", error)
+    if trackers.trackers:
+        log.info("logging run %s (group %s) to %s", tracking["name"], tracking["group"],
+                 "; ".join(f"{name} {tracker.record()}" for name, tracker in trackers.trackers.items()))
     return trackers
 
 
