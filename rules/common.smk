@@ -16,9 +16,11 @@ from experiment_config import (
     check_models,
     resolve_config,
     run_training,
+    sweep_plot_name,
     validate_config,
 )  # noqa: E402
 from prepare_data import BUNDLED_SAMPLE, dataset_source, prepared_dir  # noqa: E402
+from trackers import run_tracking  # noqa: E402
 import model_sources  # noqa: E402
 import run_lock  # noqa: E402
 
@@ -38,6 +40,7 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 VARIANTS = CONFIG["variants"]
 MODELS = CONFIG["models"]
+SWEEPS = CONFIG["sweeps"]
 
 # One run per directory (scripts/run_lock.py): a run that starts jobs holds the lock until it
 # ends; any invocation (a dry run, --unlock) says when another run is active. Not in the jobs
@@ -83,6 +86,9 @@ wildcard_constraints:
     model="|".join(MODELS),
     quant="nf4|none",
     seed=r"\d+",
+    # plot names: comparisons (and all_variants), sweep plots (experiment_config refuses a clash)
+    name="|".join(["all_variants", *(c["name"] for c in CONFIG["comparisons"])]),
+    sweep="|".join(SWEEPS) or "no-sweeps",
 
 
 def dataset_files():
@@ -189,6 +195,21 @@ def get_run_settings(wildcards):
         "training": run_training(variant, wildcards.seed),
         "lora": variant["lora"],
     }
+
+
+def get_run_tracking(wildcards):
+    """The trackers a run logs to, its tracker run name and group (trackers.run_tracking)."""
+    variant = VARIANTS[wildcards.variant]
+    return run_tracking(variant["logging"], wildcards.variant, wildcards.seed)
+
+
+def tracked(variant):
+    """Whether a variant's runs are logged to a tracker."""
+    return bool(VARIANTS[variant]["logging"])
+
+
+def sweep_plots():
+    return [f"results/plots/{sweep_plot_name(sweep)}.png" for sweep in SWEEPS]
 
 
 def comparison_plots():

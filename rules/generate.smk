@@ -26,6 +26,9 @@ rule generate_after:
     input:
         model=lambda w: model_files(get_variant_model(w)),
         adapter="results/variants/{variant}/seed-{seed}/adapter",
+        # with a tracker on: the samples go to the training run's tracker run as a table
+        tracking="results/variants/{variant}/seed-{seed}/tracking.json",
+        before=lambda w: before_samples(w.variant) if tracked(w.variant) else [],
     output:
         "results/variants/{variant}/seed-{seed}/samples_after.json",
     log:
@@ -41,5 +44,6 @@ rule generate_after:
         prompts=CONFIG["prompts"],
         generation=CONFIG["generation"],
         device=lambda w: VARIANTS[w.variant]["training"]["device"],
+        tracking=get_run_tracking,
     script:
         "../scripts/jobs/generate.py"

@@ -32,6 +32,11 @@ rule compare_variants:
             caption="../report/comparisons.rst",
             category="Numbers",
         ),
+        sweeps=report(
+            "results/sweeps.csv",
+            caption="../report/sweeps.rst",
+            category="Sweeps",
+        ),
     log:
         "results/logs/compare_variants.log",
     conda:
@@ -40,8 +45,30 @@ rule compare_variants:
         variants=list(VARIANTS),
         comparisons=CONFIG["comparisons"],
         parents={name: v["parent"] for name, v in VARIANTS.items()},
+        sweeps=SWEEPS,
     script:
         "../scripts/jobs/compare_variants.py"
+
+
+# A sweep's eval loss against each swept key (mean ± sd over seeds), from results/sweeps.csv.
+rule plot_sweep:
+    input:
+        sweeps="results/sweeps.csv",
+    output:
+        report(
+            "results/plots/sweep_{sweep}.png",
+            caption="../report/sweep_plot.rst",
+            category="Sweeps",
+        ),
+    log:
+        "results/logs/plot/sweep_{sweep}.log",
+    conda:
+        "../envs/loranotes.yaml"
+    params:
+        sweep=lambda w: w.sweep,
+        swept_keys=lambda w: SWEEPS[w.sweep]["keys"],
+    script:
+        "../scripts/plot_sweep.py"
 
 
 rule plot_comparison:
@@ -74,6 +101,8 @@ rule report:
         metrics="results/metrics.csv",
         summary="results/summary.csv",
         comparisons="results/comparisons.csv",
+        sweeps="results/sweeps.csv",
+        sweep_plots=sweep_plots(),
         data_stats="results/data/stats.json",
         token_stats=[tokenized_files(v)["stats"] for v in VARIANTS],
         before=[before_samples(v) for v in VARIANTS],

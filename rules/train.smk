@@ -6,6 +6,8 @@ rule train:
         adapter=directory("results/variants/{variant}/seed-{seed}/adapter"),
         steps="results/variants/{variant}/seed-{seed}/train_log.csv",
         metrics="results/variants/{variant}/seed-{seed}/metrics.json",
+        # where the run was logged ({} without trackers); generate_after adds its samples there
+        tracking="results/variants/{variant}/seed-{seed}/tracking.json",
     log:
         "results/logs/train/{variant}/seed-{seed}.log",
     conda:
@@ -16,6 +18,7 @@ rule train:
         variant=get_run_settings,
         model_path=lambda w: model_path(get_variant_model(w)),
         trust_remote_code=lambda w: MODELS[get_variant_model(w)]["trust_remote_code"],
+        tracking=get_run_tracking,
         # Not an output: Snakemake deletes a failed job's outputs, and a rerun resumes from here.
         checkpoints="results/checkpoints/{variant}/seed-{seed}",
     script:

@@ -4,7 +4,9 @@
   seed the run's own standard error, see NOISE);
 - results/comparisons.csv: every configured comparison and every variant against its `from:`
   parent: the difference in eval loss and held-out accuracy, its 95% confidence interval and a
-  one-line verdict (uncertainty.verdict).
+  one-line verdict (uncertainty.verdict);
+- results/sweeps.csv: every sweep's grid points with their eval loss (mean, sd over seeds), ranked,
+  and on the best one its margin over the runner-up, tested like any comparison (sweep_table).
 """
 
 import logging
@@ -134,6 +136,49 @@ def _single_run_floor(runs, metric, a, b):
     return math.sqrt(sum(n * n for n in noises))
 
 
+# What a sweep ranks its points by (lowest first), as COMPARED words it.
+SWEPT_METRIC = "eval_loss_after"
+SWEEP_COLUMNS = ["sweep", "variant", "rank", "n_seeds", "seeds", f"{SWEPT_METRIC}_mean",
+                 f"{SWEPT_METRIC}_sd", f"{SWEPT_METRIC}_noise", "runner_up", "margin", "margin_ci_low",
+                 "margin_ci_high", "test", "p_value", "margin_exceeds_noise", "decimals", "verdict"]
+
+
+def sweep_table(runs, summary, sweeps):
+    """One row per sweep point: its settings (`setting.<key>` columns), seeds and eval loss
+    (mean, sd, noise, from the summary) and its rank (1: lowest eval loss). The best point's row
+    also has the runner-up, the margin (runner-up minus best) with its 95% interval, the test,
+    whether the margin exceeds the noise (the interval excludes zero), and the verdict: the
+    same comparison as every other (compare_runs), paired by seed."""
+    by_variant = {row["variant"]: row for row in summary.to_dict("records")}
+    rows = []
+    for name, sweep in sweeps.items():
+        points = [{"sweep": name, "variant": point["variant"],
+                   **{f"setting.{key}": value for key, value in point["settings"].items()},
+                   **{key: by_variant[point["variant"]][key]
+                      for key in ("n_seeds", "seeds", *(f"{SWEPT_METRIC}_{s}" for s in ("mean", "sd", "noise")))}}
+                  for point in sweep["points"]]
+        ranked = sorted((p for p in points if _present(p[f"{SWEPT_METRIC}_mean"])),
+                        key=lambda p: p[f"{SWEPT_METRIC}_mean"])
+        for rank, point in enumerate(ranked, 1):
+            point["rank"] = rank
+        if len(ranked) > 1:
+            ranked[0].update(_margin(runs, ranked[0]["variant"], ranked[1]["variant"]))
+        rows += points
+    settings = sorted({key for row in rows for key in row if key.startswith("setting.")})
+    return pd.DataFrame(rows, columns=[*SWEEP_COLUMNS[:2], *settings, *SWEEP_COLUMNS[2:]])
+
+
+def _margin(runs, best, runner_up):
+    """The best point against the runner-up, as compare_runs compares any pair."""
+    row = compare_runs(runs, [(best, runner_up, "sweep")])
+    row = row[row["metric"] == SWEPT_METRIC].iloc[0]
+    return {"runner_up": runner_up, "margin": -row["difference"],
+            "margin_ci_low": None if not _present(row["ci_high"]) else -row["ci_high"],
+            "margin_ci_high": None if not _present(row["ci_low"]) else -row["ci_low"],
+            "test": row["test"], "p_value": row["p_value"], "margin_exceeds_noise": row["detected"],
+            "decimals": row["decimals"], "verdict": row["verdict"]}
+
+
 @entry_point
 def main(snakemake):
     configure_logging(snakemake)
@@ -146,6 +191,10 @@ def main(snakemake):
     comparisons.to_csv(snakemake.output.comparisons, index=False)
     for line in comparisons["verdict"]:
         log.info("%s", line)
+    sweeps = sweep_table(runs, summary, snakemake.params.sweeps)
+    sweeps.to_csv(snakemake.output.sweeps, index=False)
+    for line in sweeps["verdict"].dropna():
+        log.info("sweep: %s", line)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ when the Snakefile is parsed, so `snakemake -n` already fails on a bad config.
 
 import copy
 import difflib
+import itertools
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -29,6 +31,7 @@ from model_sources import (
     target_modules_problem,
 )
 from prepare_data import DataError, dataset_source
+from trackers import missing_packages, resolve_logging
 
 TRAINING_DEFAULTS = {
     "steps": 100,
@@ -102,12 +105,29 @@ def validate_config(config, schema_path, source="config.yaml"):
     import yaml
 
     with open(schema_path, encoding="utf-8") as f:
-        schema = yaml.safe_load(f)
+        schema = with_sweep_grid(yaml.safe_load(f))
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
     problems = [problem for error in errors for problem in explain_schema_error(error)]
     if problems:
         raise ConfigError("\n".join(f"{source}: {problem}" for problem in problems))
+
+
+def with_sweep_grid(schema):
+    """The schema with the keys a sweep's grid may vary filled in, each a list of values of
+    that setting's own schema: one definition of every setting's type (its $defs entry), and
+    typos in grid keys answered like typos anywhere else. Seeds are not swept: they are the
+    noise a sweep's differences are measured against."""
+    grid = schema["$defs"]["sweep"]["properties"]["grid"]
+    settings = {key: schema["properties"]["variants"]["additionalProperties"]["properties"][key]
+                for key in INHERITED_KEYS}
+    for section in ("training", "lora"):
+        settings.update({f"{section}.{key}": value
+                         for key, value in schema["$defs"][section]["properties"].items()
+                         if key not in SEED_KEYS})
+    grid["properties"] = {key: {"type": "array", "minItems": 1, "items": value}
+                          for key, value in settings.items()}
+    return schema
 
 
 def key_path(parts):
@@ -163,7 +183,7 @@ def resolve_config(config, source="config.yaml"):
     (complete dicts) and `changes`, the settings that differ from the parent as
     {"key": "training.lr", "from": old, "to": new}.
     """
-    config = copy.deepcopy(config)
+    config = expand_sweeps(copy.deepcopy(config), source)
     config["dataset"] = {**DATASET_DEFAULTS, **config["dataset"]}
     config["generation"] = {**GENERATION_DEFAULTS, **config.get("generation", {})}
     config["seeds"] = seeds_of(config.get("training", {}), DEFAULT_SEEDS, f"{source}: training")
@@ -171,13 +191,124 @@ def resolve_config(config, source="config.yaml"):
     config["lora"] = {**LORA_DEFAULTS, **config.get("lora", {})}
     config.setdefault("weights", "pretrained")
     config.setdefault("comparisons", [])
+    config.setdefault("logging", {})
     config["models"] = {
         name: {**MODEL_DEFAULTS, **model} for name, model in config["models"].items()
     }
     check_bundled_topics(config["dataset"]["bundled_topics"], source)
     config["variants"] = resolve_variants(config, source)
     check_comparisons(config, source)
+    check_trackers(config, source)
     return config
+
+
+# --- sweeps: grids of settings expanded into ordinary variants ---------------------------------
+
+def expand_sweeps(config, source="config.yaml"):
+    """config with every sweep's grid points added to `variants` (after the declared ones), each
+    an ordinary variant `from:` the sweep's base with the point's settings, named after them
+    (sweep_variant_name); `sweeps` resolved to {name: {"from", "keys", "points": [{"variant",
+    "settings"}]}}. A point whose name a declared variant has is an error naming the sweep."""
+    sweeps = config.get("sweeps") or {}
+    declared = config["variants"]
+    variants, resolved = dict(declared), {}
+    for sweep, spec in sweeps.items():
+        where = f"{source}: sweeps.{sweep}"
+        if spec["from"] not in declared:
+            raise ConfigError(f"{where}.from: '{spec['from']}' is not a variant (variants: "
+                              f"{', '.join(declared)}); a sweep varies a declared variant")
+        keys = list(spec["grid"])
+        points = []
+        for values in itertools.product(*(spec["grid"][key] for key in keys)):
+            settings = dict(zip(keys, values))
+            name = sweep_variant_name(spec["from"], settings)
+            if name in declared:
+                raise ConfigError(
+                    f"{where}: its grid point {format_settings(settings)} is named {name}, which "
+                    "variants already declares; rename that variant")
+            point = {"from": spec["from"], "title": f"{sweep}: {format_settings(settings)}",
+                     "description": f"Sweep {sweep}: {spec['from']} with {format_settings(settings)}.",
+                     **nested_settings(settings)}
+            if name in variants and {k: v for k, v in variants[name].items()
+                                     if k not in ("title", "description")} != \
+                    {k: v for k, v in point.items() if k not in ("title", "description")}:
+                raise ConfigError(f"{where}: two grid points are both named {name}; their values "
+                                  "differ only past the name's precision: choose distinct values")
+            variants.setdefault(name, point)
+            points.append({"variant": name, "settings": settings})
+        resolved[sweep] = {"from": spec["from"], "keys": keys, "points": points}
+    plot_names = {comparison["name"] for comparison in config.get("comparisons", [])}
+    for sweep in resolved:
+        if sweep_plot_name(sweep) in plot_names:
+            raise ConfigError(f"{source}: comparisons: the name {sweep_plot_name(sweep)} is sweep "
+                              f"{sweep}'s plot (results/plots/{sweep_plot_name(sweep)}.png); "
+                              "rename the comparison")
+    return {**config, "variants": variants, "sweeps": resolved}
+
+
+def sweep_plot_name(sweep):
+    """results/plots/<this>.png: a sweep's eval loss against its swept keys."""
+    return f"sweep_{sweep}"
+
+
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # the schema's $defs.name
+
+
+def sweep_variant_name(base, settings):
+    """v1 with {lora.r: 4, training.lr: 3.0e-4} -> v1-r4-lr3e-4: each key by its last part,
+    numbers short (3e-4, 2p5e-4 for 2.5e-4: names have no dots), other values after an
+    underscore (lr_scheduler_cosine, quantization_none)."""
+    parts = [base]
+    for key, value in settings.items():
+        short = key.rsplit(".", 1)[-1]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{short}{short_number(value)}")
+        else:
+            text = "+".join(map(str, value)) if isinstance(value, list) else str(value).lower()
+            parts.append(f"{short}_{re.sub(r'[^A-Za-z0-9_-]+', '_', text)}")
+    name = "-".join(parts)
+    if not VARIANT_NAME.match(name):
+        raise ConfigError(f"sweep variant name {name!r} is not a valid variant name")
+    return name
+
+
+def short_number(value):
+    """4 -> "4", 32.0 -> "32", 3.0e-4 -> "3e-4", 2.5e-4 -> "2p5e-4", 0.05 -> "5e-2"."""
+    if float(value).is_integer() and abs(value) < 1e6:
+        return str(int(value))
+    mantissa, exponent = f"{value:.6e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".").replace(".", "p").replace("-", "m")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def format_settings(settings):
+    """ "lora.r 4, training.lr 0.0003" """
+    return ", ".join(f"{key} {value}" for key, value in settings.items())
+
+
+def nested_settings(settings):
+    """{"lora.r": 4, "quantization": "none"} -> {"lora": {"r": 4}, "quantization": "none"}."""
+    nested = {}
+    for key, value in settings.items():
+        if "." in key:
+            section, inner = key.split(".", 1)
+            nested.setdefault(section, {})[inner] = value
+        else:
+            nested[key] = value
+    return nested
+
+
+# --- trackers ------------------------------------------------------------------------------------
+
+def check_trackers(config, source="config.yaml"):
+    """Every tracker a variant logs to is installed: the key that turns it on, and what to
+    pip install."""
+    for name, variant in config["variants"].items():
+        for tracker, package in missing_packages(variant["logging"]):
+            where = "logging" if tracker in resolve_logging(config["logging"]) else f"variants.{name}.logging"
+            raise ConfigError(
+                f"{source}: {where}.{tracker}: the {tracker} tracker needs a package that is not "
+                f"installed: pip install {package} (or turn it off: {tracker}: false)")
 
 
 def check_bundled_topics(names, source="config.yaml"):
@@ -214,7 +345,8 @@ def resolve_variants(config, source="config.yaml"):
                     "Break it: one of these variants must set its settings without `from:`."
                 )
             parent = resolve(parent_name, path)
-            base = {key: parent[key] for key in ("model", "quantization", "seeds", "training", "lora")}
+            base = {key: parent[key]
+                    for key in ("model", "quantization", "seeds", "training", "lora", "logging")}
         else:
             parent = None
             base = {
@@ -223,6 +355,7 @@ def resolve_variants(config, source="config.yaml"):
                 "seeds": config["seeds"],
                 "training": config["training"],
                 "lora": config["lora"],
+                "logging": config["logging"],
             }
         variant = {
             "name": name,
@@ -235,6 +368,8 @@ def resolve_variants(config, source="config.yaml"):
                               f"{source}: variants.{name}.training"),
             "training": without_seeds({**base["training"], **spec.get("training", {})}),
             "lora": {**base["lora"], **spec.get("lora", {})},
+            # {tracker: settings} of the trackers on (trackers.resolve_logging)
+            "logging": resolve_logging(base["logging"], spec.get("logging", {})),
         }
         if variant["model"] is None:
             raise ConfigError(

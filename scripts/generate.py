@@ -14,6 +14,7 @@ from chat_format import PromptFormat
 from errors import configure_logging, entry_point
 from model_sources import model_info
 from modeling import load_base_model, load_tokenizer, pick_device
+from trackers import reopen_trackers
 
 log = logging.getLogger("loranotes.generate")
 
@@ -89,6 +90,10 @@ def main(snakemake):
     }
     with open(snakemake.output[0], "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
+    if snakemake.input.get("before"):  # "after" samples of a tracked run: into its tracker run
+        with open(snakemake.input.before, encoding="utf-8") as f:
+            before = json.load(f)
+        reopen_trackers(params.tracking, snakemake.input.tracking).samples(before, result)
 
 
 if __name__ == "__main__":

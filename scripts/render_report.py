@@ -1,8 +1,9 @@
 """Render results/report.md, the lab notes, from the run's outputs and a jinja2 template.
 
 Numbers come from results/summary.csv (mean and spread over seeds), results/comparisons.csv
-(differences with confidence intervals and their verdicts) and results/metrics.csv (one row per
-run, provenance included), each printed to the precision its noise supports
+(differences with confidence intervals and their verdicts), results/sweeps.csv (each sweep's
+points, ranked, and the best one's margin over the runner-up) and results/metrics.csv (one row
+per run, provenance included), each printed to the precision its noise supports
 (uncertainty.decimals_for). Text that comes from data or models (prompts, generations, titles in
 table cells) is shown verbatim but can never break the markdown: code blocks get a fence longer
 than any run of backticks inside them, table cells have their pipes, newlines and HTML escaped,
@@ -212,13 +213,35 @@ def _vs_parent(verdicts, name, parent):
     return None
 
 
+def sweep_sections(config, sweeps, plots, report_dir):
+    """Per sweep (config order): its keys, its points in grid order, each with its settings and
+    eval loss as the notes print them (`noisy`), the best point (rank 1, with its margin over
+    the runner-up and the verdict) and the plot's path relative to the report."""
+    rows = _records(sweeps) if sweeps is not None else []
+    sections = []
+    for (name, sweep), plot in zip(config.get("sweeps", {}).items(), plots, strict=True):
+        points = []
+        for point, row in zip(sweep["points"], [r for r in rows if r["sweep"] == name], strict=True):
+            points.append({**row, "settings": point["settings"],
+                           "rank": None if missing(row.get("rank")) else int(row["rank"]),
+                           "eval_loss": noisy(row, "eval_loss_after")})
+        best = next((p for p in points if p.get("rank") == 1), None)
+        if best and not missing(best.get("margin")):
+            decimals = None if missing(best.get("decimals")) else int(best["decimals"])
+            best["shown_margin"] = fixed(best["margin"], decimals)
+        sections.append({"name": name, "from": sweep["from"], "swept_keys": sweep["keys"],
+                         "points": points, "best": best,
+                         "plot": os.path.relpath(plot, report_dir)})
+    return sections
+
+
 def render_report(template_path, config, summary, comparisons, runs, data_stats, token_stats,
-                  samples_before, samples_after, plots, report_path):
+                  samples_before, samples_after, plots, report_path, sweeps=None, sweep_plots=()):
     """Return the report's markdown.
 
-    summary, comparisons, runs: the DataFrames of summary.csv, comparisons.csv, metrics.csv;
-    token_stats: {variant: tokenize stats}; samples_before/after: {variant: generate.py output};
-    plots: [(title, png path)].
+    summary, comparisons, runs, sweeps: the DataFrames of summary.csv, comparisons.csv,
+    metrics.csv, sweeps.csv; token_stats: {variant: tokenize stats}; samples_before/after:
+    {variant: generate.py output}; plots: [(title, png path)]; sweep_plots: a png per sweep.
     """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(template_path).parent)),
@@ -258,7 +281,13 @@ def render_report(template_path, config, summary, comparisons, runs, data_stats,
         any_single_seed=any(v["summary"]["n_seeds"] == 1 for v in variants),
         provenance=provenance(run_rows),
         plots=[(title, os.path.relpath(path, report_dir)) for title, path in plots],
+        sweeps=sweep_sections(config, sweeps, sweep_plots, report_dir),
     )
+
+
+def named_list(files):
+    """A named input of several files as a list (Snakemake gives one file as a string)."""
+    return [files] if isinstance(files, str) else list(files or [])
 
 
 @entry_point
@@ -278,6 +307,8 @@ def main(snakemake):
         samples_after=dict(zip(names, map(read_json, snakemake.input.after))),
         plots=list(zip(snakemake.params.plot_titles, snakemake.input.plots)),
         report_path=snakemake.output[0],
+        sweeps=pd.read_csv(snakemake.input.sweeps) if snakemake.input.get("sweeps") else None,
+        sweep_plots=named_list(snakemake.input.get("sweep_plots")),
     )
     Path(snakemake.output[0]).write_text(text, encoding="utf-8")
     log.info("wrote %s", snakemake.output[0])

@@ -43,6 +43,7 @@ from run_metrics import (
 )
 from speedups import Speedups, TrainerOptions, load_for_training
 from step import BatchOutOfMemory, LossNotFinite, TrainingError, Update, evaluate, train_step
+from trackers import Trackers, open_trackers
 
 log = logging.getLogger("loranotes.train")
 
@@ -68,9 +69,11 @@ class Run:
 
 
 def train(model_path, quantization, train_path, eval_path, training, lora, out_dir,
-          trust_remote_code=False, checkpoint_dir=None, options=TrainerOptions()):
+          trust_remote_code=False, checkpoint_dir=None, options=TrainerOptions(), trackers=None):
     """Train one run; returns its metrics (also written to out_dir/metrics.json).
-    `options`: implementation choices below the settings, for bench/ (speedups.TrainerOptions)."""
+    `options`: implementation choices below the settings, for bench/ (speedups.TrainerOptions);
+    `trackers`: where the run is logged as it goes (trackers.Trackers; none by default)."""
+    trackers = trackers or Trackers()
     started = datetime.datetime.now(datetime.timezone.utc)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,12 +88,13 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
                               training["batch_tokens"])
     fingerprint = run_fingerprint(model_path, quantization, training, lora, [train_path, eval_path])
     progress = resume_or_start(run, checkpoint_dir, fingerprint, update, batches)
+    trackers.start(progress)
 
     peak = TrainingPeak(run.device)
     # SIGTERM/SIGINT: the step under way ends, its checkpoint is written, the run stops
     with StopOnSignal(lambda step: bool(checkpoint_dir) and save_checkpoint(
             checkpoint_dir, run.model, update, progress)) as stop:
-        train_steps(run, update, batches, progress, checkpoint_dir, peak, stop)
+        train_steps(run, update, batches, progress, checkpoint_dir, peak, stop, trackers)
     before, after = progress["evaluations"][0], progress["evaluations"][-1]
     log.info("eval loss after training: %s (before %s)", with_error(after["loss"], after["loss_se"]),
              with_error(before["loss"], before["loss_se"]))
@@ -99,6 +103,7 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
                 "lora": lora}
     metrics = write_outputs(run, progress, peak.read(), out_dir, model_path,
                             run_provenance(run.device, settings, started))
+    trackers.finish(metrics)
     if checkpoint_dir:  # the outputs hold everything now
         remove_checkpoints(checkpoint_dir)
     return metrics
@@ -156,9 +161,10 @@ def resume_or_start(run, checkpoint_dir, fingerprint, update, batches):
             "evaluations": [{"step": 0, **asdict(before)}]}
 
 
-def train_steps(run, update, batches, progress, checkpoint_dir, peak, stop):
-    """The steps not done yet, each recorded in `progress`, evaluated and checkpointed when due;
-    after each, `stop` (graceful_stop.StopOnSignal) ends the run if a stop was asked."""
+def train_steps(run, update, batches, progress, checkpoint_dir, peak, stop, trackers):
+    """The steps not done yet, each recorded in `progress` and `trackers`, evaluated and
+    checkpointed when due; after each, `stop` (graceful_stop.StopOnSignal) ends the run if a stop
+    was asked."""
     training = run.training
     for step in range(len(progress["steps"]) + 1, training["steps"] + 1):
         window = [next(batches) for _ in range(training["grad_accum"])]
@@ -167,6 +173,7 @@ def train_steps(run, update, batches, progress, checkpoint_dir, peak, stop):
                         for examples in window)
         progress["steps"].append(step_record(step, result, sum(map(len, window)), attention,
                                              peak.read()["peak_memory_gb"]))
+        trackers.step(progress["steps"][-1])
         progress["step"] = step
         if step == 1 or step % 10 == 0 or step == training["steps"]:
             log.info("step %d/%d  loss %.4f  acc %.3f  lr %.2e  %.2fs", step, training["steps"],
@@ -175,6 +182,7 @@ def train_steps(run, update, batches, progress, checkpoint_dir, peak, stop):
             with peak.left_out():  # eval's logits of a larger batch are not a step's memory
                 evaluation = run.evaluate()
             progress["evaluations"].append({"step": step, **asdict(evaluation)})
+            trackers.evaluation(progress["evaluations"][-1])
             log.info("step %d/%d  eval loss %s  acc %.3f", step, training["steps"],
                      with_error(evaluation.loss, evaluation.loss_se), evaluation.accuracy)
         if checkpoint_dir and checkpoint_due(step, training):
@@ -281,6 +289,7 @@ def main(snakemake):
         out_dir=Path(snakemake.output.metrics).parent,
         trust_remote_code=snakemake.params.trust_remote_code,
         checkpoint_dir=snakemake.params.checkpoints,
+        trackers=open_trackers(snakemake.params.tracking, variant, snakemake.output.tracking),
     )
 
 

@@ -497,7 +497,7 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 3. Rerun only what changed
 
-def run_files(variant, seeds, files=("adapter", "train_log.csv", "metrics.json")):
+def run_files(variant, seeds, files=("adapter", "train_log.csv", "metrics.json", "tracking.json")):
     return {f"results/variants/{variant}/seed-{seed}/{file}" for seed in seeds for file in files}
 
 
@@ -506,7 +506,7 @@ def samples_after(*variants, seed=0):
 
 
 V2_RUN = run_files("v2", (0, 1)) | samples_after("v2")
-AGGREGATES = {"results/metrics.csv", "results/summary.csv", "results/comparisons.csv",
+AGGREGATES = {"results/metrics.csv", "results/summary.csv", "results/comparisons.csv", "results/sweeps.csv",
               "results/plots/all_variants.png", "results/report.md"}
 GENERATION = {"results/samples/before/tiny-qwen3__none.json"} | samples_after("v1", "v2")
 

@@ -125,10 +125,12 @@ def test_every_comparison_and_every_variant_against_its_parent_once(tmp_path):
 def test_comparisons_csv_through_main(tmp_path):
     metrics = tmp_path / "metrics.csv"
     runs_frame().to_csv(metrics, index=False)
-    out = {"summary": str(tmp_path / "summary.csv"), "comparisons": str(tmp_path / "comparisons.csv")}
+    out = {"summary": str(tmp_path / "summary.csv"), "comparisons": str(tmp_path / "comparisons.csv"),
+           "sweeps": str(tmp_path / "sweeps.csv")}
     compare_variants.main(fake_snakemake(
         input={"metrics": str(metrics)}, output=out, log={"log": str(tmp_path / "log")},
-        params={"variants": ["v1", "v2", "v3"], "comparisons": [], "parents": {"v2": "v1", "v3": "v1"}}))
+        params={"variants": ["v1", "v2", "v3"], "comparisons": [], "parents": {"v2": "v1", "v3": "v1"},
+                "sweeps": {}}))
     rows = pd.read_csv(out["comparisons"]).set_index(["a", "b", "metric"])
     v2 = rows.loc[("v2", "v1", "eval_loss_after")]
     # v2 - v1 = -0.1 in every seed: no spread, an exact difference
