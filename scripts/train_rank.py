@@ -1,0 +1,25 @@
+"""One rank of a data-parallel training run: what torchrun starts `training.devices` times.
+train.py's main launches it (distributed.launch) with the run's arguments as a JSON file."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from distributed import configure_rank_logging
+from errors import entry_point
+from train import train
+
+
+@entry_point
+def main(arguments_file):
+    arguments = json.loads(Path(arguments_file).read_text())
+    configure_rank_logging(arguments["log"], int(os.environ["RANK"]))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    train(**arguments["train"])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
