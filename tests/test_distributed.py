@@ -252,3 +252,23 @@ def test_mfu_of_a_run_on_several_devices_is_over_all_their_cards():
     params = {"flops_per_token": 1e9, "bf16_matmul_tflops": 1.0}  # 1e12 FLOP/s per card
     assert speed_summary(frame, params)["mfu"] == pytest.approx(1.0)
     assert speed_summary(frame, {**params, "devices": 4})["mfu"] == pytest.approx(0.25)
+
+
+def test_a_sigterm_to_the_job_reaches_every_rank(tiny_model, tmp_path):
+    """The job's process is torchrun (distributed.launch execs it): what SLURM or Snakemake
+    sends it, it forwards to the ranks, which run in sessions of their own."""
+    args = run_args(tiny_model, tmp_path / "out", tmp_path / "checkpoints")
+    process = on_ranks(args, tmp_path, "stopped", stall_after=4)
+    checkpoint = tmp_path / "checkpoints" / "step-4"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ranks = [int(path.read_text()) for path in tmp_path.glob("stopped.json.rank-*.pid")]
+    assert len(ranks) == 2
+    process.send_signal(signal.SIGTERM)  # to torchrun alone, not its process group
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0, output
+    for pid in ranks:
+        with pytest.raises(ProcessLookupError):  # gone, not left training on its own
+            os.kill(pid, 0)
+    assert not (tmp_path / "out" / "metrics.json").exists()
