@@ -272,3 +272,21 @@ def test_a_sigterm_to_the_job_reaches_every_rank(tiny_model, tmp_path):
         with pytest.raises(ProcessLookupError):  # gone, not left training on its own
             os.kill(pid, 0)
     assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_the_notes_show_the_device_count_of_a_run_on_several(tmp_path):
+    from test_report import render, section
+    from util import fake_metrics
+
+    def v2_on_4_gpus(index, seed, **overrides):
+        metrics = fake_metrics(index, seed, **overrides)
+        if index == 1:
+            metrics.update(device="NVIDIA H100 80GB HBM3", devices=4)
+            metrics["provenance"]["device"] = "NVIDIA H100 80GB HBM3"
+        return metrics
+
+    report = render(tmp_path, metrics_of=v2_on_4_gpus)
+    assert "parameters; on NVIDIA H100 80GB HBM3 × 4 (data-parallel, training.devices)\n" in \
+        section(report, "v2: no quantization")
+    assert "parameters; on cpu\n" in section(report, "v1: nf4 baseline")  # metrics without it: 1
+    assert "- Hardware: NVIDIA H100 80GB HBM3 × 4; x86_64\n" in section(report, "Provenance")
