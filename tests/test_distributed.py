@@ -290,3 +290,44 @@ def test_the_notes_show_the_device_count_of_a_run_on_several(tmp_path):
         section(report, "v2: no quantization")
     assert "parameters; on cpu\n" in section(report, "v1: nf4 baseline")  # metrics without it: 1
     assert "- Hardware: NVIDIA H100 80GB HBM3 × 4; x86_64\n" in section(report, "Provenance")
+
+
+class TwoRanks(distributed.Ranks):
+    """Rank 0 of 2 whose other rank's random state is `other` (gather without processes)."""
+
+    def __init__(self, other):
+        super().__init__(rank=0, world=2)
+        object.__setattr__(self, "other", other)
+
+    def gather(self, value):
+        return [value, self.other]
+
+
+def test_a_checkpoint_keeps_each_ranks_random_state_and_maps_it_to_the_ranks_resuming(tmp_path):
+    from resume import restore_checkpoint, save_checkpoint
+    from step import Update
+
+    model = torch.nn.Linear(3, 2)
+    update = Update(model, {**TRAINING_DEFAULTS, "lr": 1e-3})
+    torch.manual_seed(11)
+    other = {"torch": torch.get_rng_state(), "cuda": []}
+    torch.manual_seed(22)
+    mine = torch.get_rng_state()
+    save_checkpoint(tmp_path, model, update, {"step": 4, "steps": []}, TwoRanks(other))
+
+    def draw_after_restoring(rank, world):
+        torch.manual_seed(99)
+        restore_checkpoint(tmp_path / "step-4", model, update,
+                           distributed.Ranks(rank=rank, world=world), seed=5)
+        return torch.rand(3)
+
+    torch.set_rng_state(mine)
+    expected_0 = torch.rand(3)
+    torch.set_rng_state(other["torch"])
+    expected_1 = torch.rand(3)
+    assert torch.equal(draw_after_restoring(0, 1), expected_0)  # 2 ranks -> 1: rank 0's
+    assert torch.equal(draw_after_restoring(1, 2), expected_1)  # same ranks: each its own
+    torch.manual_seed(distributed.rank_seed(5, 2, 4))
+    expected_2 = torch.rand(3)
+    assert torch.equal(draw_after_restoring(2, 3), expected_2)  # a new rank: a stream of its own
+    assert not torch.equal(expected_2, expected_1)
