@@ -9,7 +9,7 @@ gradients gives every rank the gradient of the global batch, and the same clippi
 step keep the weights equal. Changing the number of devices changes the speed, not the training.
 
 Why one all-reduce per step rather than torch's DistributedDataParallel: the gradients are
-only LoRA's (r=16 on the embedded default's tiny Qwen3: 61K numbers), the token-weighted
+only LoRA's (r=16 on the embedded default's tiny Qwen3: 38,912 numbers), the token-weighted
 normaliser already makes a plain sum right, and a rank whose share of a micro-batch is empty
 (batch_tokens with one long conversation) simply contributes zeros, where DDP would need every
 rank to run a forward pass of the same module for every micro-batch.
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from batches import balanced_shares
 from errors import LoranotesError
 
 log = logging.getLogger("loranotes.train")
@@ -54,8 +55,6 @@ class Ranks:
 
     def share(self, examples):
         """This rank's disjoint part of one micro-batch of conversations (maybe empty)."""
-        from batches import balanced_shares
-
         return examples if self.world == 1 else balanced_shares(examples, self.world)[self.rank]
 
     def eval_share(self, examples):
