@@ -1,7 +1,7 @@
 """A `training.devices: 2` variant through profiles/slurm on the test cluster (tests/slurm/):
 the train job runs torchrun with 2 CPU ranks (gloo) inside one SLURM job, asks for no GPU (the
-variant trains on the CPU) and the profile's CPUs, and trains like the local one-process run of
-the same variant (the `default_run` fixture's v2, seed 0)."""
+variant trains on the CPU) and the profile's CPUs, and trains like a local one-process run of
+the same variant (v2 of the embedded default, seed 0; only that run and what it needs)."""
 
 import json
 import re
@@ -9,7 +9,7 @@ import re
 import pytest
 import yaml
 
-from conftest import copy_workflow
+from conftest import copy_workflow, run_snakemake
 from test_slurm import FAST_STATUS, PROFILE, SUBMITTED, _scontrol_job, _start_snakemake, _wait
 from test_slurm import slurm_cluster  # noqa: F401  (fixture)
 
@@ -18,12 +18,19 @@ COMPARED = ["final_train_loss", "last_step_loss", "eval_loss_before", "eval_loss
             "token_accuracy", "train_tokens", "train_examples_seen"]
 
 
-@pytest.fixture(scope="module")
-def slurm_devices_run(slurm_cluster, default_run, tmp_path_factory):  # noqa: F811
-    workdir = copy_workflow(tmp_path_factory.mktemp("slurm_devices"))
+def workflow_with_v2_on(workdir, **training):
+    workdir = copy_workflow(workdir)
     config = yaml.safe_load((workdir / "config.yaml").read_text())
-    config["variants"]["v2"]["training"] = {"device": "cpu", "devices": 2}
+    config["variants"]["v2"]["training"] = {"device": "cpu", **training}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def slurm_devices_run(slurm_cluster, tmp_path_factory):  # noqa: F811
+    local = workflow_with_v2_on(tmp_path_factory.mktemp("local_one_process"), devices=1)
+    run_snakemake(local, "--cores", "2", f"{RUN}/metrics.json")
+    workdir = workflow_with_v2_on(tmp_path_factory.mktemp("slurm_devices"), devices=2)
     process, command = _start_snakemake(workdir, "--profile", PROFILE, *FAST_STATUS,
                                         f"{RUN}/metrics.json")
     returncode, output = _wait(process, command, workdir)
@@ -31,7 +38,7 @@ def slurm_devices_run(slurm_cluster, default_run, tmp_path_factory):  # noqa: F8
     assert returncode == 0, f"{output[-8000:]}\n{logs[-8000:]}"
     jobs = {re.search(r"/rule_(\w+?)(?:/|$)", log.split("slurm_logs", 1)[1]).group(1): slurm_id
             for _, slurm_id, log in SUBMITTED.findall(output)}
-    return workdir, default_run, jobs
+    return workdir, local, jobs
 
 
 def test_a_two_device_variant_trains_on_slurm_like_one_process(slurm_devices_run):
