@@ -12,7 +12,7 @@ rule bundled_sample:
         seed=CONFIG["dataset"]["seed"],
         topics=CONFIG["dataset"]["bundled_topics"],
     script:
-        "../scripts/bundled_sample.py"
+        "../scripts/jobs/bundled_sample.py"
 
 
 rule prepare_data:
@@ -29,7 +29,7 @@ rule prepare_data:
     params:
         dataset=CONFIG["dataset"],
     script:
-        "../scripts/prepare_data.py"
+        "../scripts/jobs/prepare_data.py"
 
 
 rule tokenize:
@@ -50,4 +50,4 @@ rule tokenize:
         model_path=lambda w: model_path(tokenized_settings(w)["model_name"]),
         max_length=lambda w: tokenized_settings(w)["max_length"],
     script:
-        "../scripts/tokenize_data.py"
+        "../scripts/jobs/tokenize_data.py"

@@ -18,7 +18,7 @@ rule generate_before:
         generation=CONFIG["generation"],
         device=CONFIG["training"]["device"],
     script:
-        "../scripts/generate.py"
+        "../scripts/jobs/generate.py"
 
 
 # The report shows the "after" samples of each variant's first seed (after_samples).
@@ -42,4 +42,4 @@ rule generate_after:
         generation=CONFIG["generation"],
         device=lambda w: VARIANTS[w.variant]["training"]["device"],
     script:
-        "../scripts/generate.py"
+        "../scripts/jobs/generate.py"

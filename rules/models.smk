@@ -15,4 +15,4 @@ rule build_model:
         weights=CONFIG["weights"],
         topics=CONFIG["dataset"]["bundled_topics"],
     script:
-        "../scripts/build_model.py"
+        "../scripts/jobs/build_model.py"

@@ -14,7 +14,7 @@ rule collect_metrics:
     params:
         runs=[{"variant": VARIANTS[v], "seed": seed} for v, seed in runs()],
     script:
-        "../scripts/collect_metrics.py"
+        "../scripts/jobs/collect_metrics.py"
 
 
 # Mean and spread over seeds per variant, and every comparison with its confidence interval.
@@ -41,7 +41,7 @@ rule compare_variants:
         comparisons=CONFIG["comparisons"],
         parents={name: v["parent"] for name, v in VARIANTS.items()},
     script:
-        "../scripts/compare_variants.py"
+        "../scripts/jobs/compare_variants.py"
 
 
 rule plot_comparison:
@@ -65,7 +65,7 @@ rule plot_comparison:
         colors=lambda w: {v: list(VARIANTS).index(v) for v in get_plot_variants(w)},
         title=lambda w: comparison_plots()[w.name]["title"],
     script:
-        "../scripts/plot_loss.py"
+        "../scripts/jobs/plot_loss.py"
 
 
 rule report:
@@ -93,4 +93,4 @@ rule report:
         config=CONFIG,
         plot_titles=[plot["title"] for plot in comparison_plots().values()],
     script:
-        "../scripts/render_report.py"
+        "../scripts/jobs/render_report.py"

@@ -22,4 +22,4 @@ rule train:
         # Not an output: Snakemake deletes a failed job's outputs, and a rerun resumes from here.
         checkpoints="results/checkpoints/{variant}/seed-{seed}",
     script:
-        "../scripts/train.py"
+        "../scripts/jobs/train.py"

@@ -1,0 +1,213 @@
+"""Jobs started warm (scripts/jobs/warm_start.py) behave as jobs started cold: the same work in the
+job's directory and environment, output on the job's streams, the job's exit status, and signals
+sent to the job reach it; and warm starts are off where they must be."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, copy_workflow
+
+JOBS = REPO / "scripts" / "jobs"
+sys.path.insert(0, str(JOBS))
+import warm_start  # noqa: E402
+
+# A job's script, as scripts/train.py is one: main(snakemake) does what snakemake.params says.
+PROBE = '''
+import json, os, signal, sys, time
+
+def main(snakemake):
+    record = {"pid": os.getpid(), "ppid": os.getppid(), "cwd": os.getcwd(),
+              "variable": os.environ.get("PROBE_VARIABLE")}
+    with open(snakemake.output[0], "w") as out:
+        json.dump(record, out)
+    print("progress line", flush=True)
+    action = snakemake.params["action"]
+    if action == "exit 3":
+        sys.exit(3)
+    if action == "message":
+        sys.exit("loranotes: a clear message")
+    if action == "raise":
+        raise ValueError("a bug")
+    if action == "wait":
+        def stop(number, frame):
+            with open(snakemake.output[0] + ".signal", "w") as out:
+                out.write(signal.Signals(number).name)
+            sys.exit(128 + number)
+        signal.signal(signal.SIGTERM, stop)
+        open(snakemake.output[0] + ".waiting", "w").close()
+        time.sleep(120)
+'''
+
+
+def entry_command(module_dir, output, action):
+    """A job's entry process, as scripts/jobs/<script>.py is one."""
+    code = f"""
+        import sys
+        sys.path[:0] = [{str(JOBS)!r}, {str(module_dir)!r}]
+        from types import SimpleNamespace
+        from warm_start import run_job
+        run_job("probe_job", SimpleNamespace(output=[{str(output)!r}], params={{"action": {action!r}}}))
+    """
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+@pytest.fixture(scope="module")
+def job_env():
+    """An environment with a private TMPDIR (its own warm process), a probe script, and the warm
+    process's clean-up."""
+    tmp = Path(tempfile.mkdtemp(prefix="lw", dir="/tmp"))  # short: a socket path has <108 bytes
+    (tmp / "probe_job.py").write_text(PROBE)
+    env = {**os.environ, "TMPDIR": str(tmp), "PROBE_VARIABLE": "from the job"}
+    for name in ("LORANOTES_WARM_START", "SLURM_JOB_ID"):
+        env.pop(name, None)
+    yield tmp, env
+    for lock in tmp.glob("loranotes-warm-*/*.lock"):
+        if lock.read_text().strip():
+            try:
+                os.kill(int(lock.read_text()), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def run_entry(job_env, name, action="ok", env=None, **popen):
+    tmp, base_env = job_env
+    workdir = tmp / name
+    workdir.mkdir()
+    command = entry_command(tmp, workdir / "record.json", action)
+    return subprocess.Popen(command, cwd=workdir, env=env or base_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen), workdir
+
+
+def finished(process):
+    stdout, stderr = process.communicate(timeout=300)
+    return process.returncode, stdout, stderr
+
+
+def record(workdir):
+    return json.loads((workdir / "record.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def warm(job_env):
+    """The first job runs cold and starts a warm process; returns that process's pid."""
+    process, workdir = run_entry(job_env, "first")
+    code, stdout, _ = finished(process)
+    assert code == 0 and "progress line" in stdout
+    assert record(workdir)["pid"] == process.pid  # cold: in the entry process itself
+    tmp, env = job_env
+    paths = warm_start.server_paths(next(tmp.glob("loranotes-warm-*")), warm_start.server_key(env))
+    assert warm_start.wait_until_warm(paths, seconds=240), (tmp / paths["log"]).read_text()
+    return int(paths["lock"].read_text())
+
+
+def test_a_job_runs_warm_in_its_own_directory_environment_and_streams(job_env, warm):
+    process, workdir = run_entry(job_env, "second")
+    code, stdout, stderr = finished(process)
+    assert code == 0, stderr
+    assert stdout == "progress line\n"
+    job = record(workdir)
+    assert job["pid"] != process.pid and job["ppid"] == warm  # a fork of the warm process
+    assert job["cwd"] == str(workdir)
+    assert job["variable"] == "from the job"
+
+
+@pytest.mark.parametrize("action, code, on_stderr", [
+    ("exit 3", 3, ""),
+    ("message", 1, "loranotes: a clear message"),
+    ("raise", 1, "ValueError: a bug"),
+])
+def test_a_warm_job_exits_as_a_cold_one_would(job_env, warm, action, code, on_stderr):
+    process, workdir = run_entry(job_env, action.replace(" ", "-"), action)
+    returncode, _, stderr = finished(process)
+    assert record(workdir)["ppid"] == warm
+    assert returncode == code
+    assert on_stderr in stderr
+
+
+def wait_for(path, process=None):
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        assert process is None or process.poll() is None, process.communicate()
+        time.sleep(0.05)
+
+
+def test_sigterm_to_the_entry_reaches_the_warm_job(job_env, warm):
+    process, workdir = run_entry(job_env, "terminated", "wait")
+    wait_for(workdir / "record.json.waiting", process)
+    process.send_signal(signal.SIGTERM)
+    returncode, _, _ = finished(process)
+    assert record(workdir)["ppid"] == warm
+    assert (workdir / "record.json.signal").read_text() == "SIGTERM"
+    assert returncode == 128 + signal.SIGTERM
+
+
+def test_a_warm_job_whose_entry_is_killed_stops(job_env, warm):
+    process, workdir = run_entry(job_env, "killed", "wait")
+    wait_for(workdir / "record.json.waiting", process)
+    process.kill()  # SIGKILL: the entry cannot pass it on
+    process.communicate()
+    wait_for(workdir / "record.json.signal")
+    assert (workdir / "record.json.signal").read_text() == "SIGTERM"
+
+
+@pytest.mark.parametrize("variable, value", [("LORANOTES_WARM_START", "0"), ("SLURM_JOB_ID", "42")])
+def test_jobs_run_cold_when_warm_starts_are_off(job_env, variable, value):
+    tmp, env = job_env
+    process, workdir = run_entry(job_env, f"off-{variable}", env={**env, variable: value})
+    code, stdout, _ = finished(process)
+    assert code == 0 and stdout == "progress line\n"
+    assert record(workdir)["pid"] == process.pid
+    assert warm_start.disabled_reason({**env, variable: value}) is not None
+
+
+def test_a_changed_environment_needs_another_warm_process():
+    base = {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "1"}
+    assert warm_start.server_key(base) != warm_start.server_key({**base, "HF_HUB_OFFLINE": "0"})
+    # Variables read by the job, not at import, share one.
+    assert warm_start.server_key(base) == warm_start.server_key({**base, "LORANOTES_COMMAND": "x", "PWD": "/a"})
+
+
+def one_run_config():
+    """The embedded default cut down to one short training run."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["dataset"].update(num_train=24, num_eval=8, bundled_size=40)
+    config["training"].update(steps=4, max_length=96, seeds=[0])
+    del config["models"]["tiny-llama"]
+    config["models"]["tiny-qwen3"]["init"]["pretrain"] = {"steps": 10}
+    config["variants"] = {"v1": {"model": "tiny-qwen3", "quantization": "none"}}
+    config["comparisons"] = []
+    return config
+
+
+def test_a_warm_training_job_trains_exactly_as_a_cold_one(job_env, tmp_path):
+    tmp, env = job_env
+    run = Path("results/variants/v1/seed-0")
+    outputs = {}
+    for start, extra in [("cold", {"LORANOTES_WARM_START": "0"}), ("warm", {})]:
+        workdir = copy_workflow(tmp_path / start)
+        (workdir / "one.yaml").write_text(yaml.safe_dump(one_run_config()))
+        command = [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", "one.yaml",
+                   "--", str(run / "metrics.json")]
+        result = subprocess.run(command, cwd=workdir, env={**env, **extra}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+        steps = pd.read_csv(workdir / run / "train_log.csv")
+        outputs[start] = (
+            steps[["step", "loss", "token_accuracy", "grad_norm", "lr"]],
+            (workdir / run / "adapter" / "adapter_model.safetensors").read_bytes(),
+        )
+    served = "".join(log.read_text() for log in tmp.glob("loranotes-warm-*/*.log"))
+    assert f"train in {tmp_path / 'warm'}" in served and f"in {tmp_path / 'cold'}" not in served
+    pd.testing.assert_frame_equal(outputs["warm"][0], outputs["cold"][0])
+    assert outputs["warm"][1] == outputs["cold"][1]
