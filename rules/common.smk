@@ -212,6 +212,13 @@ def sweep_plots():
     return [f"results/plots/{sweep_plot_name(sweep)}.png" for sweep in SWEEPS]
 
 
+def get_train_gpus(wildcards):
+    """The GPUs a train job asks for (the SLURM profile's --gpus): training.devices, or none for
+    a variant that trains on the CPU (training.device: cpu)."""
+    training = VARIANTS[wildcards.variant]["training"]
+    return 0 if training["device"] == "cpu" else training["devices"]
+
+
 def comparison_plots():
     """{name: {"variants": [...], "title": ...}}: the config's comparisons plus all variants."""
     plots = {"all_variants": {"variants": list(VARIANTS), "title": "All variants"}}

@@ -13,6 +13,9 @@ rule train:
     conda:
         "../envs/loranotes.yaml"
     threads: 2
+    resources:
+        # training.devices > 1: the job runs torchrun, one rank per GPU (scripts/distributed.py)
+        gpu=get_train_gpus,
     params:
         # Every setting that shapes the run is a param, so changing one reruns this run only.
         variant=get_run_settings,

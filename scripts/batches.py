@@ -5,6 +5,7 @@ A conversation is a pair (input_ids, labels) of equal length; a label is its own
 where the loss applies (assistant tokens) and IGNORE_INDEX elsewhere.
 """
 
+import math
 import random
 
 import pandas as pd
@@ -145,3 +146,32 @@ def largest_batch(examples, training):
         ids, labels = rest[0]
         batch.append((ids[:room], labels[:room]))
     return batch
+
+
+def balanced_shares(examples, count):
+    """`examples` (one micro-batch) split into `count` disjoint shares of about equal tokens,
+    one per data-parallel rank: longest first, each to the share with the fewest tokens so far
+    (ties: the lowest rank), each share then in batch order. The slowest rank sets a step's
+    pace, so shares are balanced by tokens, not by count. A share may be empty (fewer
+    conversations than ranks)."""
+    shares, tokens = [[] for _ in range(count)], [0] * count
+    for index in sorted(range(len(examples)), key=lambda i: -len(examples[i][0])):
+        lightest = tokens.index(min(tokens))
+        shares[lightest].append(index)
+        tokens[lightest] += len(examples[index][0])
+    return [[examples[i] for i in sorted(share)] for share in shares]
+
+
+def largest_share(examples, training, ranks):
+    """A batch at least as large as any rank's share of the run's batches (balanced_shares over
+    `ranks`), for the memory plan of each rank: with batch_size, the ceil(batch_size / ranks)
+    longest conversations; with batch_tokens, largest_batch of a budget of a rank's fair part
+    plus the longest conversation (the most a balanced share can exceed its part by)."""
+    if ranks == 1:
+        return largest_batch(examples, training)
+    budget = training["batch_tokens"]
+    if budget:
+        longest = max(len(ids) for ids, _ in examples)
+        share_budget = min(budget, math.ceil(budget / ranks) + longest)
+        return largest_batch(examples, {**training, "batch_tokens": share_budget})
+    return largest_batch(examples, {**training, "batch_size": math.ceil(training["batch_size"] / ranks)})

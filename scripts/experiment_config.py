@@ -52,6 +52,7 @@ TRAINING_DEFAULTS = {
     "fused_kernels": "auto",
     "compile": True,
     "device": "auto",
+    "devices": 1,  # data-parallel processes (torchrun), one per GPU of the device
     "seed": 0,  # one run's seed; a variant's runs are set by training.seeds (see run_training)
     "checkpoint_every": 50,
 }

@@ -42,12 +42,15 @@ class StopOnSignal:
     """While inside, the stop signals ask training to stop after the step under way; `check`
     after each step then saves a checkpoint of it and raises Stopped.
 
-    `save_checkpoint(step)` writes the checkpoint, or returns False where none is kept. The
-    handlers are installed in the main thread only (Python allows no other) and restored on
-    leaving."""
+    `save_checkpoint(step)` writes the checkpoint, or returns False where none is kept.
+    `agree(asked)` says whether any process of the run was asked to stop (distributed.Ranks.any:
+    the ranks of a data-parallel run stop at the same step, or the others wait forever in the
+    next all-reduce). The handlers are installed in the main thread only (Python allows no
+    other) and restored on leaving."""
 
-    def __init__(self, save_checkpoint):
+    def __init__(self, save_checkpoint, agree=bool):
         self.save_checkpoint = save_checkpoint
+        self.agree = agree
         self.request = StopRequest()
         self.previous = {}
 
@@ -62,8 +65,9 @@ class StopOnSignal:
 
     def check(self, step):
         """After a step: nothing, or (a stop was asked) checkpoint it and raise Stopped."""
-        if self.request.signal is None:
+        if not self.agree(self.request.signal is not None):
             return
+        self.request.signal = self.request.signal or "a signal to another rank"
         log.info("stopping at step %d (%s): saving its checkpoint", step, self.request.signal)
         if self.save_checkpoint(step) is False:
             outcome = "no checkpoint kept (no checkpoint directory); a rerun starts over"

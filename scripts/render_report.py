@@ -180,6 +180,7 @@ def provenance(runs):
         "packages": [dict(versions={k.removeprefix("provenance.packages."): v for k, v in zip(package_keys, key)},
                           runs=names) for key, names in packages.items()],
         "devices": sorted({f"{run.get('provenance.device')}" + (
+            f" × {int(run['devices'])}" if (run.get("devices") or 1) > 1 else "") + (
             f" (CUDA {run['provenance.cuda']}, driver {run['provenance.driver']})"
             if run.get("provenance.cuda") else "") for run in runs}),
         "config_files": sorted({(f["path"], f["sha256"]) for run in runs

@@ -15,14 +15,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distributed import ONE_PROCESS, rank_seed
 from errors import flush_logs, job_log_file
 from outputs import with_umask
 
 log = logging.getLogger("loranotes.train")
 
-# Settings a run may change and still resume its checkpoint: they trade memory for speed and
-# leave the computation as it was (after running out of memory, checkpoint more and rerun).
-RESUMABLE_CHANGES = {"checkpoint_every", "gradient_checkpointing", "memory_budget_gb"}
+# Settings a run may change and still resume its checkpoint: they trade memory or devices for
+# speed and leave the computation as it was (after running out of memory, checkpoint more and
+# rerun; with more GPUs, resume on all of them).
+RESUMABLE_CHANGES = {"checkpoint_every", "gradient_checkpointing", "memory_budget_gb", "devices"}
 EARLIER_LOG = "job.log"  # in a checkpoint: the job's log up to it
 
 
@@ -51,9 +53,17 @@ def checkpoint_due(step, training):
     return bool(every) and (step % every == 0 or step == training["steps"])
 
 
-def save_checkpoint(checkpoint_dir, model, update, progress):
+def save_checkpoint(checkpoint_dir, model, update, progress, ranks=ONE_PROCESS):
     """Write step-N into a .partial directory, rename it when complete, drop older ones.
-    `update`: the step.Update whose optimizer and scheduler resume; `progress`: JSON."""
+    `update`: the step.Update whose optimizer and scheduler resume; `progress`: JSON.
+    Data-parallel: every rank calls it (each rank's random state is gathered: the ranks draw
+    their own dropout masks); rank 0 writes. Weights and optimizer are the same on every rank."""
+    rng = ranks.gather({
+        "torch": torch.get_rng_state(),  # dropout masks
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    })
+    if not ranks.main:
+        return
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / f"step-{progress['step']}"
     partial = checkpoint_dir / f"step-{progress['step']}.partial"
@@ -64,10 +74,6 @@ def save_checkpoint(checkpoint_dir, model, update, progress):
         for name, param in model.named_parameters() if param.requires_grad
     }
     save_file(trainable, partial / "adapter.safetensors")
-    rng = {
-        "torch": torch.get_rng_state(),  # dropout masks
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
     torch.save({**update.state_dict(), "rng": rng}, partial / "optimizer.pt")
     (partial / "progress.json").write_text(json.dumps(progress))
     log_file = job_log_file()
@@ -103,29 +109,40 @@ def latest_checkpoint(checkpoint_dir, fingerprint):
     return latest, progress
 
 
-def restore_checkpoint(path, model, update):
+def restore_checkpoint(path, model, update, ranks=ONE_PROCESS, seed=0):
+    """Weights, optimizer, scheduler and this rank's random state from `path`. A checkpoint of
+    fewer ranks than now has no state for the extra ones: they start a stream of their own
+    (distributed.rank_seed of the seed, rank and step)."""
     trainable = load_file(path / "adapter.safetensors")
     for name, param in model.named_parameters():
         if param.requires_grad:
             param.data.copy_(trainable[name])
     state = torch.load(path / "optimizer.pt", weights_only=True)
     update.load_state_dict(state)
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one process's
+    if ranks.rank < len(rng):
+        torch.set_rng_state(rng[ranks.rank]["torch"])
+        if rng[ranks.rank]["cuda"]:
+            torch.cuda.set_rng_state_all(rng[ranks.rank]["cuda"])
+    else:
+        torch.manual_seed(rank_seed(seed, ranks.rank, int(path.name[5:])))
 
 
-def resume(checkpoint_dir, fingerprint, model, update, total_steps):
+def resume(checkpoint_dir, fingerprint, model, update, total_steps, ranks=ONE_PROCESS, seed=0):
     """The progress of this run's latest checkpoint, restored into `model` and `update`; None
-    when there is none to resume."""
-    checkpoint = latest_checkpoint(checkpoint_dir, fingerprint) if checkpoint_dir else None
+    when there is none to resume. Rank 0 picks the checkpoint (and deletes stale ones), every
+    rank restores it."""
+    checkpoint = None
+    if checkpoint_dir and ranks.main:
+        checkpoint = latest_checkpoint(checkpoint_dir, fingerprint)
+    checkpoint = ranks.broadcast(checkpoint)
     if not checkpoint:
         return None
     path, progress = checkpoint
-    restore_checkpoint(path, model, update)
+    restore_checkpoint(path, model, update, ranks, seed)
     keep_earlier_log(path / EARLIER_LOG, len(progress["steps"]))
-    log.info("resuming from %s: %d of %d steps done", path, len(progress["steps"]),
-             total_steps)
+    log.info("resuming from %s: %d of %d steps done%s", path, len(progress["steps"]),
+             total_steps, f" (on {ranks.world} ranks)" if ranks.world > 1 else "")
     return progress
 
 

@@ -18,14 +18,16 @@ WARMUP_STEPS_EXCLUDED = 2
 STEP_COLUMNS = ["step", "loss", "token_accuracy", "lr", "grad_norm", "seconds", "tokens",
                 "conversations", "attention_flops", "peak_memory_gb", "eval_loss", "eval_accuracy"]
 
-# metrics.json's keys, in the order metrics.csv lists them (after the variant's settings).
+# metrics.json's keys, in the order metrics.csv lists them (after the variant's settings). A
+# data-parallel run's tokens and tokens/s are those of all its ranks, its peak memory the
+# largest rank's, `devices` the number of ranks (training.devices).
 METRIC_KEYS = [
     "steps", "final_train_loss", "final_train_loss_se", "last_step_loss",
     "eval_loss_before", "eval_loss_after", "eval_loss_after_se",
     "eval_accuracy_before", "eval_accuracy_after", "eval_conversations", "eval_target_tokens",
     "token_accuracy", "train_conversations", "train_examples_seen", "train_seconds",
     "train_tokens", "median_s_per_step", "median_s_per_step_se", "tokens_per_s", "peak_memory_gb", "peak_reserved_gb",
-    "memory_kind", "trainable_params", "total_params", "device", "random_init", "base_weights", "mfu",
+    "memory_kind", "trainable_params", "total_params", "device", "devices", "random_init", "base_weights", "mfu",
     "bf16_matmul_tflops", "flops_per_token", "gradient_checkpointing_layers", "decoder_layers",
     "activations_kept", "packed", "compiled", "fused_loss", "fused_kernels", "varlen_attention",
     "provenance",  # provenance.run_provenance: code, packages, config, hardware, command
@@ -100,8 +102,9 @@ def speed_summary(frame, params):
                                  math.sqrt(math.pi / 2) * standard_error_of_mean(timed["seconds"])),
         "tokens_per_s": float(timed["tokens"].sum() / timed["seconds"].sum()),
         # model FLOPs utilization: useful FLOPs (matmuls and attention; no recomputation) per
-        # second over the card's measured bf16 rate
-        "mfu": useful_flops / timed["seconds"].sum() / (peak_tflops * 1e12) if peak_tflops else None,
+        # second over the card's measured bf16 rate, times the cards of a data-parallel run
+        "mfu": (useful_flops / timed["seconds"].sum() / (peak_tflops * 1e12 * params.get("devices", 1))
+                if peak_tflops else None),
     }
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from batches import collate, model_inputs, non_padding_tokens, shifted_targets, target_count
 from chat_format import IGNORE_INDEX
+from distributed import ONE_PROCESS
 from errors import LoranotesError
 from run_metrics import ratio_standard_error
 
@@ -134,15 +135,17 @@ def forward_backward(model, batch, options=StepOptions(), normaliser=None):
 
 
 def accumulate(model, micro_batches, options=StepOptions(), *, normaliser=None,
-               forward_backward=forward_backward):
+               forward_backward=forward_backward, ranks=ONE_PROCESS):
     """Forward and backward of each micro-batch of an accumulation window: the gradients of the
     window's summed token loss over `normaliser` targets, by default all the window's (counted
     before the forward passes), so that 2 micro-batches of 4 conversations give the loss and
-    gradients of one batch of 8. Data-parallel training passes the count of every rank's
-    window. Returns the window's MicroBatch: loss over `normaliser`, correct, targets, tokens.
+    gradients of one batch of 8. Data-parallel (`ranks`): the micro-batches are this rank's
+    shares, the default normaliser counts every rank's, and the returned figures are summed
+    over the ranks, so they are the global window's. Returns the window's MicroBatch: loss over
+    `normaliser`, correct, targets, tokens.
     """
     if normaliser is None:
-        normaliser = sum(target_count(batch) for batch in micro_batches)
+        [normaliser] = ranks.sum([sum(target_count(batch) for batch in micro_batches)])
     loss_sum = correct = targets = tokens = 0
     for batch in micro_batches:
         try:
@@ -153,7 +156,8 @@ def accumulate(model, micro_batches, options=StepOptions(), *, normaliser=None,
         correct += result.correct
         targets += result.targets
         tokens += result.tokens
-    return MicroBatch(loss_sum / normaliser, correct, targets, tokens)
+    loss_sum, correct, targets, tokens = ranks.sum([loss_sum, correct, targets, tokens])
+    return MicroBatch(loss_sum / normaliser, int(correct), int(targets), int(tokens))
 
 
 class Update:
@@ -190,20 +194,23 @@ class Update:
 
 
 def train_step(model, micro_batches, update, options=StepOptions(), *, normaliser=None,
-               forward_backward=forward_backward):
+               forward_backward=forward_backward, ranks=ONE_PROCESS):
     """One optimizer step over the micro-batches of its accumulation window (see accumulate),
     timed from the first forward to the finished update (on CUDA, synchronized at both ends).
+    Data-parallel (`ranks`): `micro_batches` are this rank's shares (maybe none), the LoRA
+    gradients are summed over the ranks before the update, and every rank takes the same step.
 
     `forward_backward`: the trainer's by default; bench/speed.py times its plain script's
     through the same step. Raises BatchOutOfMemory, and LossNotFinite before the update.
     """
-    device = micro_batches[0]["input_ids"].device
+    device = update.params[0].device
     synchronize(device)
     started = time.perf_counter()
     window = accumulate(model, micro_batches, options, normaliser=normaliser,
-                        forward_backward=forward_backward)
-    if not math.isfinite(window.loss):
+                        forward_backward=forward_backward, ranks=ranks)
+    if not math.isfinite(window.loss):  # summed over the ranks: every rank stops here
         raise LossNotFinite(window.loss)
+    ranks.reduce_gradients(update.params)
     grad_norm, lr = update.apply()
     synchronize(device)  # the step's kernels must finish before we time it
     return StepResult(window.loss, window.correct / window.targets, lr, grad_norm,
@@ -227,14 +234,17 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, examples, batch_size, pad_id, device, autocast=False):
+def evaluate(model, examples, batch_size, pad_id, device, autocast=False, ranks=ONE_PROCESS):
     """Token-weighted mean loss and accuracy over the assistant tokens of the eval split, with
-    the standard error of the loss across its conversations (run_metrics.ratio_standard_error)."""
+    the standard error of the loss across its conversations (run_metrics.ratio_standard_error).
+    Data-parallel (`ranks`): each rank evaluates its slice of the split and every rank gets the
+    whole split's figures."""
     was_training = model.training
     model.eval()
     loss_sums, counts, correct = [], [], 0
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id, device)
+    share = ranks.eval_share(examples)
+    for start in range(0, len(share), batch_size):
+        batch = collate(share[start : start + batch_size], pad_id, device)
         # Compiled layers (training.compile) run eagerly here: a few eval batches of new shapes
         # without gradients are not worth another compilation.
         with bf16_autocast(autocast), torch.compiler.set_stance("force_eager"):
@@ -244,6 +254,10 @@ def evaluate(model, examples, batch_size, pad_id, device, autocast=False):
         counts += mask.sum(1).tolist()
         correct += int(hits.sum())
     model.train(was_training)
+    shares = ranks.gather((loss_sums, counts, correct))  # in rank order: the split's order
+    loss_sums = [s for share_sums, _, _ in shares for s in share_sums]
+    counts = [c for _, share_counts, _ in shares for c in share_counts]
+    correct = sum(share_correct for _, _, share_correct in shares)
     total = sum(counts)
     return Evaluation(loss=sum(loss_sums) / total, accuracy=correct / total,
                       loss_se=ratio_standard_error(loss_sums, counts), target_tokens=total,

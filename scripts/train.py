@@ -9,6 +9,8 @@ Reads the tokenized splits, writes the adapter (safetensors), a per-step CSV and
   steps and at the last (the eval after training), checkpointed every `checkpoint_every` steps;
 - write: the adapter, train_log.csv and metrics.json (run_metrics.py), with the run's
   provenance (provenance.py).
+With `training.devices` N > 1, main() hands the job to torchrun, which runs `train` on N ranks
+(distributed.py): each rank trains on its share of every batch, rank 0 logs and writes.
 """
 
 import contextlib
@@ -23,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from batches import batches_forever, collate, largest_batch, pack, read_tokenized
+from batches import batches_forever, collate, largest_share, pack, read_tokenized
+from distributed import ONE_PROCESS, Ranks, align_ranks, finish, launch, start
 from errors import configure_logging, entry_point
 from graceful_stop import StopOnSignal
 from outputs import with_umask
@@ -60,28 +63,31 @@ class Run:
     train_examples: list
     eval_examples: list
     pad_id: int
+    ranks: Ranks = ONE_PROCESS  # data-parallel: this process's rank among training.devices
     memory: MemoryPlan | None = None
     bf16_matmul_tflops: float | None = None  # MFU's denominator, measured before training
 
     def evaluate(self):
         return evaluate(self.model, self.eval_examples, self.training["eval_batch_size"],
-                        self.pad_id, self.device, autocast=self.setup.bf16_autocast)
+                        self.pad_id, self.device, autocast=self.setup.bf16_autocast,
+                        ranks=self.ranks)
 
 
 def train(model_path, quantization, train_path, eval_path, training, lora, out_dir,
           trust_remote_code=False, checkpoint_dir=None, options=TrainerOptions(), trackers=None):
     """Train one run; returns its metrics (also written to out_dir/metrics.json).
     `options`: implementation choices below the settings, for bench/ (speedups.TrainerOptions);
-    `trackers`: where the run is logged as it goes (trackers.Trackers; none by default)."""
+    `trackers`: where the run is logged as it goes (trackers.Trackers; none by default).
+    On a rank of a data-parallel run (torchrun) only rank 0 writes, and returns the metrics."""
     trackers = trackers or Trackers()
     started = datetime.datetime.now(datetime.timezone.utc)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     random.seed(training["seed"])
     torch.manual_seed(training["seed"])
     run = load(model_path, quantization, train_path, eval_path, training, lora, trust_remote_code,
                options)
     plan(run)
+    align_ranks(run.ranks, run.model, training["seed"])
 
     update = Update(run.model, training)
     batches = batches_forever(run.train_examples, training["batch_size"], training["seed"],
@@ -90,10 +96,11 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
     progress = resume_or_start(run, checkpoint_dir, fingerprint, update, batches)
     trackers.start(progress)
 
-    peak = TrainingPeak(run.device)
-    # SIGTERM/SIGINT: the step under way ends, its checkpoint is written, the run stops
+    peak = TrainingPeak(run.device, run.ranks)
+    # SIGTERM/SIGINT: the step under way ends, its checkpoint is written, the run stops; every
+    # rank of a data-parallel run at the same step
     with StopOnSignal(lambda step: bool(checkpoint_dir) and save_checkpoint(
-            checkpoint_dir, run.model, update, progress)) as stop:
+            checkpoint_dir, run.model, update, progress, run.ranks), agree=run.ranks.any) as stop:
         train_steps(run, update, batches, progress, checkpoint_dir, peak, stop, trackers)
     before, after = progress["evaluations"][0], progress["evaluations"][-1]
     log.info("eval loss after training: %s (before %s)", with_error(after["loss"], after["loss_se"]),
@@ -101,7 +108,11 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
 
     settings = {"model_path": str(model_path), "quantization": quantization, "training": training,
                 "lora": lora}
-    metrics = write_outputs(run, progress, peak.read(), out_dir, model_path,
+    train_memory = peak.read()
+    finish(run.ranks)
+    if not run.ranks.main:
+        return None
+    metrics = write_outputs(run, progress, train_memory, out_dir, model_path,
                             run_provenance(run.device, settings, started))
     trackers.finish(metrics)
     if checkpoint_dir:  # the outputs hold everything now
@@ -111,7 +122,8 @@ def train(model_path, quantization, train_path, eval_path, training, lora, out_d
 
 def load(model_path, quantization, train_path, eval_path, training, lora, trust_remote_code, options):
     """The tokenized splits, the tokenizer's pad id and the model set up for training."""
-    device = pick_device(training["device"])
+    ranks = start(pick_device(training["device"]), training["devices"])
+    device = ranks.device
     log.info("device %s, quantization %s, model %s", device, quantization, model_path)
     pad_id = load_tokenizer(model_path, trust_remote_code).pad_token_id
     train_examples, eval_examples = read_tokenized(train_path), read_tokenized(eval_path)
@@ -124,13 +136,13 @@ def load(model_path, quantization, train_path, eval_path, training, lora, trust_
     make_batch = functools.partial(pack if setup.packed else collate, pad_id=pad_id,
                                    device=device)
     return Run(training, quantization, device, model, setup, make_batch, train_examples,
-               eval_examples, pad_id)
+               eval_examples, pad_id, ranks)
 
 
 def plan(run):
     """Decide what a step recomputes (measured on the run's largest batch) and measure the
     card's bf16 rate; on CPU there is no comparable matmul peak."""
-    probe = run.make_batch(largest_batch(run.train_examples, run.training))
+    probe = run.make_batch(largest_share(run.train_examples, run.training, run.ranks.world))
     run.memory = plan_memory(run.model, run.setup.memory_policy, probe, run.training,
                              run.quantization, run.setup.step_options)
     if run.device.type == "cuda":
@@ -148,7 +160,8 @@ def plan(run):
 def resume_or_start(run, checkpoint_dir, fingerprint, update, batches):
     """The run's progress: restored from its latest checkpoint, with the data order replayed up
     to there; or, on a fresh start, none but the eval before training."""
-    progress = resume(checkpoint_dir, fingerprint, run.model, update, run.training["steps"])
+    progress = resume(checkpoint_dir, fingerprint, run.model, update, run.training["steps"],
+                      run.ranks, run.training["seed"])
     if progress:
         for _ in range(len(progress["steps"]) * run.training["grad_accum"]):
             next(batches)
@@ -186,7 +199,7 @@ def train_steps(run, update, batches, progress, checkpoint_dir, peak, stop, trac
             log.info("step %d/%d  eval loss %s  acc %.3f", step, training["steps"],
                      with_error(evaluation.loss, evaluation.loss_se), evaluation.accuracy)
         if checkpoint_dir and checkpoint_due(step, training):
-            save_checkpoint(checkpoint_dir, run.model, update, progress)
+            save_checkpoint(checkpoint_dir, run.model, update, progress, run.ranks)
         stop.check(step)
 
 
@@ -204,21 +217,22 @@ def eval_due(step, training):
 class TrainingPeak:
     """The training steps' peak memory, from the start of the loop: the evaluations between
     steps are left out (the peak so far is kept before each one and the counter reset after
-    it). On a CPU the process's peak RSS, which cannot be reset, covers everything."""
+    it). On a CPU the process's peak RSS, which cannot be reset, covers everything.
+    Data-parallel: the largest rank's (every rank reads it at the same points)."""
 
-    def __init__(self, device):
+    def __init__(self, device, ranks=ONE_PROCESS):
         self.device = device
+        self.ranks = ranks
         self.kept = None
         reset_peak_memory(device)
 
     def read(self):
         """modeling.peak_memory's figures for the training steps so far."""
         current = peak_memory(self.device)
-        if self.kept is None:
-            return current
-        return {**current, **{key: max(current[key], self.kept[key])
-                              for key in ("peak_memory_gb", "peak_reserved_gb")
-                              if current[key] is not None}}
+        measured = [key for key in ("peak_memory_gb", "peak_reserved_gb") if current[key] is not None]
+        if self.kept is not None:
+            current.update({key: max(current[key], self.kept[key]) for key in measured})
+        return {**current, **dict(zip(measured, self.ranks.max([current[key] for key in measured])))}
 
     @contextlib.contextmanager
     def left_out(self):
@@ -228,10 +242,12 @@ class TrainingPeak:
 
 
 def one_step(run, update, window, step):
-    """step.train_step on the window's micro-batches, its failures told in this run's terms."""
+    """step.train_step on this rank's shares of the window's micro-batches, its failures told
+    in this run's terms."""
+    shares = [share for share in map(run.ranks.share, window) if share]
     try:
-        return train_step(run.model, [run.make_batch(examples) for examples in window], update,
-                          run.setup.step_options)
+        return train_step(run.model, [run.make_batch(share) for share in shares], update,
+                          run.setup.step_options, ranks=run.ranks)
     except BatchOutOfMemory as error:  # the last checkpoint stays valid
         raise out_of_memory(f"at step {step}", error.batch, run.training, run.quantization,
                             run.memory.all_checkpointed) from error
@@ -246,6 +262,7 @@ def write_outputs(run, progress, train_memory, out_dir, model_path, provenance):
     """The adapter, train_log.csv and, last, metrics.json; returns the metrics."""
     # Write the adapter next to its final place and rename, so a crash never leaves a
     # half-written adapter that looks complete.
+    out_dir.mkdir(parents=True, exist_ok=True)
     adapter_dir, partial_dir = out_dir / "adapter", out_dir / "adapter.partial"
     shutil.rmtree(partial_dir, ignore_errors=True)
     run.model.save_pretrained(partial_dir, safe_serialization=True)
@@ -260,6 +277,7 @@ def write_outputs(run, progress, train_memory, out_dir, model_path, provenance):
         "trainable_params": trainable,
         "total_params": total,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "devices": run.ranks.world,
         "random_init": bool(model_info(model_path).get("random_init")),
         "base_weights": weights_phrase(model_info(model_path)),  # None: the hub's or a directory's
         "train_conversations": len(run.train_examples),
@@ -277,20 +295,28 @@ def write_outputs(run, progress, train_memory, out_dir, model_path, provenance):
 @entry_point
 def main(snakemake):
     configure_logging(snakemake)
-    torch.set_num_threads(snakemake.threads)
     variant = snakemake.params.variant
-    train(
-        model_path=snakemake.params.model_path,
-        quantization=variant["quantization"],
-        train_path=snakemake.input.train,
-        eval_path=snakemake.input.eval,
-        training=variant["training"],
-        lora=variant["lora"],
-        out_dir=Path(snakemake.output.metrics).parent,
-        trust_remote_code=snakemake.params.trust_remote_code,
-        checkpoint_dir=snakemake.params.checkpoints,
-        trackers=open_trackers(snakemake.params.tracking, variant, snakemake.output.tracking),
-    )
+    training = variant["training"]
+    arguments = {
+        "model_path": snakemake.params.model_path,
+        "quantization": variant["quantization"],
+        "train_path": snakemake.input.train,
+        "eval_path": snakemake.input.eval,
+        "training": training,
+        "lora": variant["lora"],
+        "out_dir": str(Path(snakemake.output.metrics).parent),
+        "trust_remote_code": snakemake.params.trust_remote_code,
+        "checkpoint_dir": snakemake.params.checkpoints,
+    }
+    tracking = {"tracking": snakemake.params.tracking, "settings": variant,
+                "record_path": snakemake.output.tracking}
+    if training["devices"] > 1:  # this process becomes torchrun, which runs train() per rank
+        launch(training["devices"], pick_device(training["device"]), snakemake.threads,
+               {"train": arguments, "tracking": tracking, "log": snakemake.log[0]},
+               Path(snakemake.params.checkpoints) / "torchrun.json",
+               job={"rule": snakemake.rule, "wildcards": list(snakemake.wildcards)})
+    torch.set_num_threads(snakemake.threads)
+    train(**arguments, trackers=open_trackers(**tracking))
 
 
 if __name__ == "__main__":

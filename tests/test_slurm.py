@@ -211,7 +211,7 @@ def test_jobs_got_the_profiles_resources(slurm_run, submitted_jobs):
         assert job["JobState"] == "COMPLETED", (rule, job)
         assert job["Partition"] == default_partition  # the profile names none
         if rule in GPU_RULES:
-            assert resources["gpu"] == 1
+            assert resources.get("gpu", 1) == 1  # train: the rule's, training.devices (1 here)
             assert job.get("TresPerJob") == "gres:gpu:1", (rule, job)
             cpus = resources.get("cpus_per_task") or profile["set-threads"][rule]
             assert int(job["CPUs/Task"]) == cpus, (rule, job)

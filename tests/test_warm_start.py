@@ -2,6 +2,7 @@
 job's directory and environment, output on the job's streams, the job's exit status, and signals
 sent to the job reach it; and warm starts are off where they must be."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,8 +20,11 @@ import yaml
 from conftest import REPO, copy_workflow
 
 JOBS = REPO / "scripts" / "jobs"
-sys.path.insert(0, str(JOBS))
-import warm_start  # noqa: E402
+# Imported from its file: scripts/jobs on sys.path would put the jobs' entries (train.py, ...)
+# before the modules they are named after, for every test after this one.
+_spec = importlib.util.spec_from_file_location("warm_start", JOBS / "warm_start.py")
+warm_start = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(warm_start)
 
 # A job's script, as scripts/train.py is one: main(snakemake) does what snakemake.params says.
 PROBE = '''

@@ -41,7 +41,8 @@ import time
 import traceback
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parents[1]
+JOBS = Path(__file__).resolve().parent
+SCRIPTS = JOBS.parent
 IDLE_SECONDS = 300  # on a busy 2-core machine, 60 s can pass between two heavy jobs
 # Jobs whose script imports torch: they wait for a warm process that is starting (it is further
 # along than a cold start of their own would be); the others run cold meanwhile.
@@ -116,8 +117,8 @@ def runtime_dir():
 def run_job(script, snakemake):
     """Run scripts/<script>.py's main(snakemake) warm if a warm process answers, else cold; exit
     with its exit status."""
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
+    # scripts/ first: the entries here are named after the modules they run.
+    sys.path[:] = [str(SCRIPTS)] + [p for p in sys.path if Path(p or ".").resolve() not in (SCRIPTS, JOBS)]
     if disabled_reason() is None:
         status = _run_warm(script, snakemake)
         if status is not None:

@@ -1,0 +1,27 @@
+"""One rank of a data-parallel training run: what torchrun starts `training.devices` times.
+train.py's main launches it (distributed.launch) with the run's arguments as a JSON file."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from distributed import configure_rank_logging
+from errors import entry_point
+from trackers import open_trackers
+from train import train
+
+
+@entry_point
+def main(arguments_file):
+    arguments = json.loads(Path(arguments_file).read_text())
+    rank = int(os.environ["RANK"])
+    configure_rank_logging(arguments["log"], rank)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    train(**arguments["train"], trackers=open_trackers(**arguments["tracking"], rank=rank))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
