@@ -51,6 +51,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 from dataclasses import asdict  # noqa: E402
@@ -147,14 +148,18 @@ def measure_peer(peer, directory, quantization, workloads, args, device="cuda", 
     if reason:
         print(f"{label} {peer.name}: skipped: {reason}", flush=True)
         return {"skipped": reason}
-    model = peer.load(directory, quantization, args.seq_len, device)
     results = {}
-    for workload, batches_of in workloads.items():
-        profile_to = args.profile and args.profile / f"{label}-{workload}-{peer.name}.txt"
-        results[workload] = measure(model, StepOptions(), batches_of["padded"], args.steps,
-                                    args.warmup, profile_to, forward_backward=peer.forward_backward)
-        print(f"{label} {workload} {peer.name}: {results[workload]['tokens_per_s']:.0f} tok/s, "
-              f"{results[workload]['peak_gb']} GB", flush=True)
+    try:
+        model = peer.load(directory, quantization, args.seq_len, device)
+        for workload, batches_of in workloads.items():
+            profile_to = args.profile and args.profile / f"{label}-{workload}-{peer.name}.txt"
+            results[workload] = measure(model, StepOptions(), batches_of["padded"], args.steps,
+                                        args.warmup, profile_to, forward_backward=peer.forward_backward)
+            print(f"{label} {workload} {peer.name}: {results[workload]['tokens_per_s']:.0f} tok/s, "
+                  f"{results[workload]['peak_gb']} GB", flush=True)
+    except Exception as error:  # a peer that fails on this machine is reported with its error
+        traceback.print_exc()
+        return {"skipped": f"failed: {type(error).__name__}: {error}"[:1000]}
     del model
     release()
     return results
@@ -261,7 +266,8 @@ def comparison_rows(variant, args, peer_results, trainer_runs, peak_tflops):
                 "s_per_step": ours["s_per_step"], "peer_s_per_step": peer["s_per_step"],
                 "peak_gb": ours["peak_gb"], "peer_peak_gb": peer["peak_gb"],
                 "within_peer_memory": within,
-                "goal_speedup": goal, "goal_met": None if goal is None or within is None else (speedup >= goal and within),
+                "goal_speedup": goal,
+                "goal_met": None if goal is None or within is None else (speedup >= goal and within),
                 "mfu": mfu(ours, ours["flops_per_token"], peak_tflops), "bf16_matmul_tflops": peak_tflops,
                 "peer_mfu": mfu(peer, ours["flops_per_token"], peak_tflops),
                 "mean_tokens_per_s": ours["mean_tokens_per_s"],
@@ -306,6 +312,8 @@ def run_variant(variant, args, peak_tflops):
     plain_peaks = {w: r["peak_gb"] for w, r in plain.items() if w != "skipped"}
     trainer = run_child(args, variant, ["--budgets", json.dumps(budgets),
                                         "--plain-peaks", json.dumps(plain_peaks)])
+    if "skipped" in trainer:
+        return [], [], skipped_peers(variant, {**peer_results, "trainer": trainer})
     rows = comparison_rows(variant, args, peer_results, trainer["runs"], peak_tflops)
     ablations = ablation_rows(variant, trainer["ablations"], plain, peak_tflops) if plain_peaks else []
     return rows, ablations, skipped_peers(variant, peer_results)

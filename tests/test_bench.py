@@ -3,7 +3,7 @@ the CPU: what a GPU call would run must at least build and train, so a device ca
 to a typo; and each configuration must change what a GPU run has on, the way its name says."""
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -172,6 +172,18 @@ def test_peers_that_cannot_run_here_are_recorded_with_the_reason(tiny_model_dir)
     assert set(skipped) == {"liger", "unsloth"}
     assert "CUDA GPU" in skipped["liger"]
     assert "unsloth" in skipped["unsloth"]  # not installed here, or needs a GPU
+
+
+def test_a_peer_that_fails_is_recorded_with_its_error(tiny_model_dir):
+    from peers import PEERS
+
+    def load_fails(*args):
+        raise RuntimeError("Unsloth: no kernel for this GPU")
+
+    broken = replace(PEERS["plain"], name="broken", load=load_fails)
+    batches_of = {"fixed": workloads.fixed_batches(97, 2, 16, device="cpu")}
+    result = speed.measure_peer(broken, tiny_model_dir, "none", batches_of, bench_args(), device="cpu")
+    assert result == {"skipped": "failed: RuntimeError: Unsloth: no kernel for this GPU"}
 
 
 def test_unsloth_is_set_up_with_the_bench_lora_and_its_own_checkpointing():
