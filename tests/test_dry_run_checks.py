@@ -174,6 +174,7 @@ def test_the_dry_run_stops_with_one_line(workflow_copy, shared_fixtures, mistake
         config["prompts"] = [LONG_PROMPT]
         expected = "prompts[0]: "
     else:
+        config["models"]["tiny-qwen3"]["init"]["tie_word_embeddings"] = True
         config["lora"]["target_modules"].append("lm_head")
         expected = "variants.v1.lora.target_modules: lm_head: model tiny-qwen3 ties lm_head"
     (workflow_copy / f"{mistake}.yaml").write_text(yaml.safe_dump(config))
