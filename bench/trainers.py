@@ -1,6 +1,6 @@
-"""The two trainers bench/speed.py compares on the same batches: a plain transformers + peft
-(+ bitsandbytes) script, what a hand-written QLoRA script does, and the pipeline's trainer in
-each configuration the bench measures (the default, and ablations that change one option).
+"""What bench/speed.py trains with: a plain transformers + peft (+ bitsandbytes) script, what a
+hand-written QLoRA script does (the base of bench/peers.py's peers), and the pipeline's trainer
+in each configuration the bench measures (the default, and ablations that change one option).
 
 The trainer is the pipeline's own set-up (speedups.load_for_training, memory_plan.plan_memory);
 an ablation changes a training setting or passes an implementation choice below them as
@@ -17,6 +17,7 @@ from torch.nn.attention.varlen import varlen_attn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from batches import non_padding_tokens, target_count  # noqa: E402
 from experiment_config import TRAINING_DEFAULTS  # noqa: E402
+from modeling import compute_dtype  # noqa: E402
 from memory_plan import decoder_layers, plan_memory, set_activation_memory_kept  # noqa: E402
 from speedups import TrainerOptions, load_for_training  # noqa: E402
 from step import MicroBatch  # noqa: E402
@@ -35,13 +36,15 @@ class Configuration:
     options: TrainerOptions = TrainerOptions()
 
 
-def baseline_model(path, quantization):
+def baseline_model(path, quantization, device="cuda"):
     """The plain script's model: from_pretrained (+ BitsAndBytesConfig),
     prepare_model_for_kbit_training / gradient_checkpointing_enable, get_peft_model."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = {"dtype": torch.bfloat16, "device_map": {"": 0}}
+    device = torch.device(device)
+    kwargs = {"dtype": compute_dtype(device), "device_map": {"": device.index or 0}
+              if device.type == "cuda" else {"": "cpu"}}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from batches import collate, pack, token_budget_batches  # noqa: E402
-from build_model import random_init_model  # noqa: E402
+from build_model import random_init_model, train_tokenizer  # noqa: E402
 from model_sources import KNOWN_ARCHITECTURES  # noqa: E402
 
 VARIANTS = {
@@ -26,27 +26,33 @@ VARIANTS = {
 
 
 def save_random_model(hub_id, directory):
-    """The real architecture with random bf16 weights, saved so both runs load it the same way."""
+    """The real architecture with random bf16 weights, saved so every run loads it the same way,
+    with a small tokenizer beside it (Unsloth's from_pretrained loads one; the bench's batches
+    are token ids and never use it)."""
     from transformers import AutoConfig
 
-    if (Path(directory) / "config.json").exists():
+    if (Path(directory) / "tokenizer.json").exists():
         return
     spec = dict(KNOWN_ARCHITECTURES[hub_id])
-    model = random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec))
+    architecture = spec.pop("architecture")
+    model = random_init_model(AutoConfig.for_model(architecture, **spec))
     model.save_pretrained(directory)
     del model
     torch.cuda.empty_cache()
+    texts = ["the bench trains on random token ids", "a tokenizer for the loaders that want one"]
+    train_tokenizer(texts, 300, chatml=architecture.startswith("qwen")).save_pretrained(directory)
 
 
-def workloads_of(hub_id, args):
-    """The workloads of one model: UltraChat lengths (with --ultrachat) first, then fixed."""
-    vocab_size = KNOWN_ARCHITECTURES[hub_id]["vocab_size"]
+def workloads_of(vocab_size, args, device="cuda"):
+    """The workloads of one model: UltraChat lengths (with --ultrachat) first, then fixed. The
+    same arguments give every process the same batches."""
     workloads = {}
     if args.ultrachat:
         lengths = conversation_lengths(args.ultrachat, args.seq_len)
         workloads["ultrachat"] = ultrachat_batches(vocab_size, args.batch, lengths,
-                                                   args.warmup + args.steps, args.batch * args.seq_len)
-    workloads["fixed"] = fixed_batches(vocab_size, args.batch, args.seq_len)
+                                                   args.warmup + args.steps, args.batch * args.seq_len,
+                                                   device)
+    workloads["fixed"] = fixed_batches(vocab_size, args.batch, args.seq_len, device)
     return workloads
 
 

@@ -3,7 +3,7 @@ the CPU: what a GPU call would run must at least build and train, so a device ca
 to a typo; and each configuration must change what a GPU run has on, the way its name says."""
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -150,3 +150,93 @@ def test_repeated_key_heads_ablation_computes_the_same_attention():
     copied = trainers.repeat_key_heads(reference_varlen_attn)(query, key, value, bounds, bounds, 6, 6,
                                                             enable_gqa=True, is_causal=True)
     assert torch.allclose(native, copied, atol=1e-6)
+
+
+def bench_args(*extra):
+    return speed.parse_args(["unused.json", "--steps", "2", "--warmup", "1", "--batch", "2",
+                             "--seq-len", "16", *extra])
+
+
+def test_peers_that_cannot_run_here_are_recorded_with_the_reason(tiny_model_dir):
+    """On a CPU, Liger's and Unsloth's Triton kernels cannot run: each is skipped with a reason
+    the results file keeps, and the plain script still trains."""
+    from peers import PEERS
+
+    args = bench_args()
+    batches_of = {"fixed": workloads.fixed_batches(97, 2, 16, device="cpu")}
+    results = {name: speed.measure_peer(PEERS[name], tiny_model_dir, "none", batches_of, args,
+                                        device="cpu") for name in ("plain", "liger", "unsloth")}
+    assert set(results["plain"]) == {"fixed"}
+    assert all(torch.isfinite(torch.tensor(results["plain"]["fixed"]["losses"])))
+    skipped = {s["peer"]: s["reason"] for s in speed.skipped_peers("v2", results)}
+    assert set(skipped) == {"liger", "unsloth"}
+    assert "CUDA GPU" in skipped["liger"]
+    assert "unsloth" in skipped["unsloth"]  # not installed here, or needs a GPU
+
+
+def test_a_peer_that_fails_is_recorded_with_its_error(tiny_model_dir):
+    from peers import PEERS
+
+    def load_fails(*args):
+        raise RuntimeError("Unsloth: no kernel for this GPU")
+
+    broken = replace(PEERS["plain"], name="broken", load=load_fails)
+    batches_of = {"fixed": workloads.fixed_batches(97, 2, 16, device="cpu")}
+    result = speed.measure_peer(broken, tiny_model_dir, "none", batches_of, bench_args(), device="cpu")
+    assert result == {"skipped": "failed: RuntimeError: Unsloth: no kernel for this GPU"}
+
+
+def test_unsloth_is_set_up_with_the_bench_lora_and_its_own_checkpointing():
+    from peers import unsloth_arguments
+
+    load, lora = unsloth_arguments("/models/x", "nf4", 1024)
+    assert load["load_in_4bit"] and not load["load_in_16bit"] and load["dtype"] == torch.bfloat16
+    assert load["model_name"] == "/models/x" and load["max_seq_length"] == 1024
+    assert not unsloth_arguments("/models/x", "none", 1024)[0]["load_in_4bit"]
+    assert (lora["r"], lora["lora_alpha"], lora["lora_dropout"]) == (1, 2, 0.0)
+    assert sorted(lora["target_modules"]) == sorted(trainers.TARGETS) and len(trainers.TARGETS) == 7
+    assert lora["use_gradient_checkpointing"] == "unsloth"
+
+
+def test_every_peer_is_compared_with_the_trainer_within_its_peak_memory(tiny_model_dir):
+    """The rows: one per workload and peer that ran, against the trainer run with the largest
+    memory budget within that peer's peak, speed-ups from median step times."""
+    from peers import PEERS
+
+    args = bench_args("--no-ablations")
+    batches_of = {"fixed": workloads.fixed_batches(97, 2, 16, device="cpu")}
+    peer_results = {"plain": speed.measure_peer(PEERS["plain"], tiny_model_dir, "none", batches_of,
+                                                args, device="cpu")}
+    runs, ablations = speed.run_trainer(tiny_model_dir, "none", batches_of, {}, {}, args, device="cpu")
+    assert ablations == [] and set(runs["fixed"]) == {"None"}  # no budget: memory not limited
+    [row] = speed.comparison_rows("v2", args, peer_results, runs, peak_tflops=1.0)
+    plain, ours = peer_results["plain"]["fixed"], runs["fixed"]["None"]
+    assert row["peer"] == "plain" and row["workload"] == "fixed"
+    assert row["speedup_vs_peer"] == pytest.approx(plain["s_per_step"] / ours["s_per_step"])
+    assert row["within_peer_memory"] is None and row["goal_met"] is None  # no GPU peak on a CPU
+
+    # on a GPU: budgets from the peers' peaks; each peer gets the run within its own peak
+    gpu_runs = {"4.0": {"peak_gb": 3.9}, "6.0": {"peak_gb": 5.8}}
+    assert speed.trainer_run_for(6.5, gpu_runs) is gpu_runs["6.0"]
+    assert speed.trainer_run_for(4.0, gpu_runs) is gpu_runs["4.0"]
+    assert speed.trainer_run_for(3.0, gpu_runs) is gpu_runs["4.0"]  # none within: the smallest
+    peaks = {"liger": {"fixed": {"peak_gb": 6.0}}, "unsloth": {"skipped": "no GPU"},
+             "plain": {"fixed": {"peak_gb": 9.0}}}
+    assert speed.trainer_budgets(peaks, ["liger", "unsloth"]) == {"fixed": [6.0]}
+    assert speed.trainer_budgets({"liger": {"fixed": {"peak_gb": 9.9028}}}, ["liger"]) == {"fixed": [9.902]}
+
+
+def test_tokens_per_s_is_robust_to_one_slow_step(monkeypatch):
+    """Median step time: one step 4x slower than the rest (seen on a GPU) does not move it."""
+    from step import StepResult
+
+    seconds = iter([1.0, 1.0, 4.0, 1.0, 1.0])
+    monkeypatch.setattr(speed, "train_step", lambda *a, **k: StepResult(1.0, 0.5, 1e-4, 1.0,
+                                                                         next(seconds), 100))
+    model = torch.nn.Linear(2, 2)
+    model.config = AutoConfig.for_model("llama", num_hidden_layers=1, hidden_size=8,
+                                        num_attention_heads=2)
+    batch = {"input_ids": torch.zeros(1, 100, dtype=torch.long)}
+    result = speed.measure(model, None, [batch], steps=4, warmup=1)
+    assert result["tokens_per_s"] == pytest.approx(100.0)
+    assert result["mean_tokens_per_s"] == pytest.approx(400 / 7)
