@@ -20,7 +20,8 @@ def main(arguments_file):
     rank = int(os.environ["RANK"])
     configure_rank_logging(arguments["log"], rank)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    train(**arguments["train"], trackers=open_trackers(**arguments["tracking"], rank=rank))
+    tracking = arguments.get("tracking")  # none: the run is not logged to a tracker
+    train(**arguments["train"], trackers=tracking and open_trackers(**tracking, rank=rank))
 
 
 if __name__ == "__main__":

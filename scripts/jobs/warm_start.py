@@ -81,7 +81,7 @@ def disabled_reason(environ=os.environ):
         return "a SLURM job"
     if not hasattr(os, "fork") or not hasattr(socket, "AF_UNIX"):
         return "no fork() here"
-    if any(Path("/dev").glob("nvidia[0-9]*")):
+    if any(Path("/dev").glob("nvidia[0-9]*")) and environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1"):
         return "a GPU is visible"
     return None
 
