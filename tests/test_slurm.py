@@ -271,7 +271,11 @@ def test_a_failing_job_fails_the_run(slurm_cluster, tmp_path):
     returncode, output = _wait(process, command, tmp_path, timeout=300)
 
     assert returncode != 0, output
-    [(_, slurm_id, log)] = SUBMITTED.findall(output)
+    # The profile's `retries` resubmit a failed job; the run fails after the last attempt.
+    retries = yaml.safe_load((REPO / PROFILE / "config.yaml").read_text())["retries"]
+    submissions = SUBMITTED.findall(output)
+    assert len(submissions) == 1 + retries, output
+    (_, slurm_id, log) = submissions[-1]
     assert f"SLURM-job '{slurm_id}' failed, SLURM status is: 'FAILED'" in output, output
     assert "Error in rule fails" in output
     log = Path(log)
