@@ -161,14 +161,22 @@ def wait_until_warm(paths, seconds=WARMING_WAIT_SECONDS):
 
 def _server_alive(paths):
     """Whether a warm process holds the lock (it does from its start to its end)."""
+    lock = _take_lock(paths)
+    if lock is None:
+        return True
+    os.close(lock)
+    return False
+
+
+def _take_lock(paths):
+    """The descriptor of the warm process's lock, taken; None while a warm process holds it."""
     lock = os.open(paths["lock"], os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        return True
-    finally:
         os.close(lock)
-    return False
+        return None
+    return lock
 
 
 def server_paths(directory, key):
@@ -238,11 +246,8 @@ def exit_like(status):
 
 def start_server(paths):
     """Start a warm process in the background unless one is starting or running."""
-    lock = os.open(paths["lock"], os.O_CREAT | os.O_RDWR, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(lock)
+    lock = _take_lock(paths)
+    if lock is None:
         return  # one is starting or running
     with open(paths["log"], "ab") as log:
         # The warm process holds the lock (its inherited copy of this file) while it lives.
