@@ -29,7 +29,8 @@ METRIC_KEYS = [
     "train_tokens", "median_s_per_step", "median_s_per_step_se", "tokens_per_s", "peak_memory_gb", "peak_reserved_gb",
     "memory_kind", "trainable_params", "total_params", "device", "devices", "random_init", "base_weights", "mfu",
     "bf16_matmul_tflops", "flops_per_token", "gradient_checkpointing_layers", "decoder_layers",
-    "activations_kept", "layer_inputs_offloaded", "packed", "compiled", "fused_loss", "fused_kernels", "varlen_attention",
+    "activations_kept", "layer_inputs_offloaded", "packed", "compiled", "fused_loss", "target_logits",
+    "fused_kernels", "varlen_attention",
     "provenance",  # provenance.run_provenance: code, packages, config, hardware, command
 ]
 

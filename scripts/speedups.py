@@ -35,8 +35,10 @@ from step import StepOptions, TrainingError, can_fuse_loss
 log = logging.getLogger("loranotes.train")
 
 # Architectures whose logits are exactly lm_head(last hidden state): no softcapping or scaling,
-# so the fused loss equals the plain one. Liger patches their norms, MLP and RoPE.
-FUSED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+# so a loss computed from the last hidden states (fused, or logits at targets only) equals the
+# plain one.
+PLAIN_HEAD_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+FUSED_MODEL_TYPES = PLAIN_HEAD_MODEL_TYPES  # Liger patches their norms, MLP and RoPE too
 VARLEN_ATTENTION = "loranotes_varlen"
 
 
@@ -53,6 +55,7 @@ class TrainerOptions:
     varlen_attention: bool = True  # False: packed batches through SDPA's block-diagonal mask
     varlen_kernel: Callable | None = None  # None: torch's varlen_attn
     bf16_autocast: bool = True  # False: float32 LoRA matmuls and peft's input casts on CUDA
+    target_logits: bool = True  # False: logits at every position when the loss is not fused
 
     def layer_compiler(self):
         return self.compile_layers or compile_decoder_layers
@@ -66,6 +69,7 @@ class Speedups:
     """What a run has on: decided once (decide_speedups), applied by load_for_training."""
     packed: bool  # padding-free batches (training.packing, auto decided by use_packing)
     fused_loss: bool
+    target_logits: bool  # unfused loss from logits at the labelled positions only
     fused_kernels: bool  # Liger's layer kernels (uncompiled runs; compiled ones get torch's)
     varlen_attention: bool
     compiled: bool
@@ -76,11 +80,13 @@ class Speedups:
 
     @property
     def step_options(self):
-        return StepOptions(fused_loss=self.fused_loss, bf16_autocast=self.bf16_autocast)
+        return StepOptions(fused_loss=self.fused_loss, target_logits=self.target_logits,
+                           bf16_autocast=self.bf16_autocast)
 
     def metrics(self):
         """The record's part of metrics.json."""
-        return {"packed": self.packed, "fused_loss": self.fused_loss, "fused_kernels": self.fused_kernels,
+        return {"packed": self.packed, "fused_loss": self.fused_loss,
+                "target_logits": self.target_logits, "fused_kernels": self.fused_kernels,
                 "varlen_attention": self.varlen_attention, "compiled": self.compiled}
 
 
@@ -97,6 +103,8 @@ def decide_speedups(training, model_type, device, options=TrainerOptions(), varl
     return Speedups(
         packed=packed,
         fused_loss=fused,  # load_for_training turns it off again for LoRA on lm_head
+        target_logits=(not fused and options.target_logits
+                       and model_type in PLAIN_HEAD_MODEL_TYPES),
         # Compiled layers get their norms, RoPE and SwiGLU fused by torch.compile;
         # Liger's layer kernels are for uncompiled runs.
         fused_kernels=fused and not compiled,
@@ -132,7 +140,7 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     model.train()  # transformers 5 loads in eval mode; dropout and checkpointing need train mode
     if setup.fused_loss and not can_fuse_loss(model):
         log.info("fused loss off: LoRA on lm_head needs the plain loss")
-        setup = replace(setup, fused_loss=False)
+        setup = replace(setup, fused_loss=False, target_logits=options.target_logits)
     return model, setup
 
 

@@ -70,7 +70,7 @@ class Run:
     def evaluate(self):
         return evaluate(self.model, self.eval_examples, self.training["eval_batch_size"],
                         self.pad_id, self.device, autocast=self.setup.bf16_autocast,
-                        ranks=self.ranks)
+                        ranks=self.ranks, target_logits=self.setup.target_logits)
 
 
 def train(model_path, quantization, train_path, eval_path, training, lora, out_dir,
@@ -148,9 +148,11 @@ def plan(run):
     if run.device.type == "cuda":
         run.bf16_matmul_tflops = bf16_matmul_tflops(run.device)
     on = {True: "on", False: "off"}
-    log.info("speed: torch.compile %s, fused loss %s, Liger layer kernels %s, packing %s%s, "
+    log.info("speed: torch.compile %s, fused loss %s%s, Liger layer kernels %s, packing %s%s, "
              "gradient checkpointing on %d of %d layers, %.0f%% of activations kept",
-             on[run.setup.compiled], on[run.setup.fused_loss], on[run.setup.fused_kernels],
+             on[run.setup.compiled], on[run.setup.fused_loss],
+             " (logits at the labelled positions only)" if run.setup.target_logits else "",
+             on[run.setup.fused_kernels],
              on[run.setup.packed],
              " (variable-length flash attention)" if run.setup.varlen_attention else "",
              run.memory.gradient_checkpointing_layers, run.memory.decoder_layers,

@@ -23,7 +23,14 @@ from memory_plan import (
     plan_checkpointing,
 )
 from run_metrics import attention_flops, flops_per_token
-from speedups import SpeedupError, attach_lora, use_fused_kernels, use_packing, use_varlen_attention
+from speedups import (
+    SpeedupError,
+    TrainerOptions,
+    attach_lora,
+    use_fused_kernels,
+    use_packing,
+    use_varlen_attention,
+)
 from step import StepOptions, forward_backward
 
 LORA = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}
@@ -467,6 +474,53 @@ def test_fused_loss_equals_the_plain_loss(monkeypatch, make_batch):
         results.append(((loss, correct, targets, tokens), grads))
     assert results[1][0][1:] == results[0][0][1:]  # same correct predictions, targets, tokens
     assert_same((results[1][0][0], results[1][1]), (results[0][0][0], results[0][1]))
+
+
+@pytest.mark.parametrize("make_batch", [collate, pack])
+@pytest.mark.parametrize("lora_on_head", [False, True])
+def test_logits_at_targets_only_give_the_full_logits_loss_and_gradients(make_batch, lora_on_head):
+    """StepOptions.target_logits: the output layer only where a target follows (prompt and
+    padding positions skipped) trains exactly like logits everywhere, LoRA on lm_head included."""
+    lora = {**LORA, "target_modules": [*LORA["target_modules"], "lm_head"]} if lora_on_head else LORA
+    model = attach_lora(tiny_model(layers=2), lora, gradient_checkpointing=False)
+    model.train()
+    batch = make_batch(examples(), pad_id=0, device="cpu")
+    results = []
+    for target_logits in (False, True):
+        model.zero_grad(set_to_none=True)
+        result = forward_backward(model, batch, StepOptions(target_logits=target_logits))
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((result, grads))
+    (full, full_grads), (targeted, targeted_grads) = results
+    assert targeted[1:] == full[1:]  # same correct predictions, targets, tokens
+    assert full[2] == sum(len(ids) - len(ids) // 2 for ids, _ in examples())  # the labelled ones
+    assert_same((targeted[0], targeted_grads), (full[0], full_grads), tolerance=1e-6)
+
+
+def test_eval_with_logits_at_targets_only_gives_the_same_figures():
+    from step import evaluate
+
+    model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=False)
+    split = examples((7, 12, 4, 9, 3, 15, 8))
+    full, targeted = (evaluate(model, split, 3, 0, torch.device("cpu"), target_logits=on)
+                      for on in (False, True))
+    assert (targeted.accuracy, targeted.target_tokens, targeted.conversations) == (
+        full.accuracy, full.target_tokens, full.conversations)
+    assert targeted.loss == pytest.approx(full.loss, abs=1e-6)
+    assert targeted.loss_se == pytest.approx(full.loss_se, abs=1e-6)
+
+
+def test_logits_at_targets_only_for_architectures_whose_logits_are_the_output_layer():
+    from speedups import decide_speedups
+
+    training = {"fused_kernels": "auto", "compile": True, "packing": "auto", "batch_tokens": None,
+                "gradient_checkpointing": "auto"}
+    cpu = torch.device("cpu")
+    assert decide_speedups(training, "qwen3", cpu, varlen_available=False).target_logits
+    # Gemma 2 softcaps its logits after the output layer: only the model's own forward has them
+    assert not decide_speedups(training, "gemma2", cpu, varlen_available=False).target_logits
+    off = TrainerOptions(target_logits=False)
+    assert not decide_speedups(training, "qwen3", cpu, off, varlen_available=False).target_logits
 
 
 def test_lora_on_lm_head_keeps_the_plain_loss():

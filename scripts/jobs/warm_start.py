@@ -61,6 +61,8 @@ PRELOAD = [
     "bitsandbytes",
     "peft",
     "jinja2",
+    "scipy.stats",  # compare_variants's t-tests
+    "matplotlib.pyplot",  # the plots (plot_loss picks the Agg backend itself)
     "snakemake.script",
 ]
 # The versions that name a warm process: a changed library needs a new one.
