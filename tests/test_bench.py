@@ -14,6 +14,7 @@ from experiment_config import TRAINING_DEFAULTS
 from speedups import decide_speedups
 
 sys.path.insert(0, str(REPO / "bench"))
+import memory_at_peak  # noqa: E402
 import profile_step  # noqa: E402
 import speed  # noqa: E402
 import trainers  # noqa: E402
@@ -70,10 +71,11 @@ def test_every_trainer_configuration_of_the_bench_trains(tiny_model_dir, configu
 NOT_COMPILED = {"compiled": False, "compile_layers": None}
 LIGER_INSTEAD = {**NOT_COMPILED, "fused_kernels": True}
 NO_VARLEN = {"varlen_attention": False, "attention_kernel": None}
+UNFUSED_LOSS = {"fused_loss": False, "target_logits": True}  # logits at the targets only
 ON_A_GPU = {
     "trainer": {},
     "precision fixes only (no fused kernels, all layers checkpointed)":
-        {**NOT_COMPILED, "fused_loss": False, "memory_policy": "every layer"},
+        {**NOT_COMPILED, **UNFUSED_LOSS, "memory_policy": "every layer"},
     "not compiled (Liger's kernels instead)": {**LIGER_INSTEAD, "memory_policy": "whole layers"},
     "each layer's attention and MLP compiled separately (norms and residual adds eager)":
         {"compile_layers": "compile_attention_and_mlp"},
@@ -87,7 +89,7 @@ ON_A_GPU = {
     "batches of up to 4 x 1024 tokens (training.batch_tokens: 4096)": {},  # other batches
     "profile: trainer (compiled), all layers checkpointed": {"memory_policy": "every layer"},
     "profile: no fused kernels, not compiled":
-        {**NOT_COMPILED, "fused_loss": False, "memory_policy": "every layer"},
+        {**NOT_COMPILED, **UNFUSED_LOSS, "memory_policy": "every layer"},
     "profile: trainer not compiled (Liger's layer kernels), all layers checkpointed":
         {**LIGER_INSTEAD, "memory_policy": "every layer"},
     "profile: not compiled, no autocast (float32 adapters, peft's casts)":
@@ -240,3 +242,27 @@ def test_tokens_per_s_is_robust_to_one_slow_step(monkeypatch):
     result = speed.measure(model, None, [batch], steps=4, warmup=1)
     assert result["tokens_per_s"] == pytest.approx(100.0)
     assert result["mean_tokens_per_s"] == pytest.approx(400 / 7)
+
+
+def test_memory_at_peak_replays_the_allocator_record_to_its_highest_point():
+    """bench/memory_at_peak.py: the blocks live when the allocations peaked, summed by the first
+    frames outside torch's module plumbing; a block freed before the peak is not among them."""
+    def frames(*names):
+        return [{"filename": f"/site-packages/{file}", "line": line, "name": name}
+                for file, line, name in names]
+    mlp = frames(("torch/nn/modules/module.py", 1, "_call_impl"), ("modeling_qwen3.py", 82, "forward"))
+    attention = frames(("modeling_qwen3.py", 250, "forward"))
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 80, "frames": mlp},
+        {"action": "alloc", "addr": 2, "size": 30, "frames": attention},
+        {"action": "free_completed", "addr": 2},
+        {"action": "alloc", "addr": 3, "size": 80, "frames": mlp},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": attention},  # the peak: 170
+        {"action": "free_requested", "addr": 1},  # still held until free_completed
+        {"action": "free_completed", "addr": 1},
+        {"action": "alloc", "addr": 5, "size": 50, "frames": attention},  # 140: below the peak
+    ]
+    peak, live = memory_at_peak.live_at_peak(trace)
+    assert peak == 170 and sorted(live) == [1, 3, 4]
+    assert memory_at_peak.by_site(live) == [("modeling_qwen3.py:82 forward", [160, 2]),
+                                            ("modeling_qwen3.py:250 forward", [10, 1])]

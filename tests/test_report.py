@@ -211,8 +211,9 @@ def test_mfu_is_shown_as_a_percentage_and_as_a_dash_when_null(tmp_path):
     assert v1["mfu"] is None and v2["mfu"] is not None
     # v2's three seeds measured the same MFU: no spread, shown to the fallback 0.1 percent
     assert [row["MFU"] for row in stats_table(report)] == ["—", f"{100 * v2['mfu']:.1f} ± 0.0%"]
-    assert ("- Speed options: torch.compile off, fused loss off, Liger layer kernels off, packed "
-            "batches, gradient checkpointing on 0 of 4 layers\n") in section(report, "v1: nf4 baseline")
+    assert ("- Speed options: torch.compile off, fused loss off (logits at the labelled positions "
+            "only), Liger layer kernels off, packed batches, gradient checkpointing on 0 of 4 "
+            "layers\n") in section(report, "v1: nf4 baseline")
     assert ("- Speed options: torch.compile on, fused loss on, Liger layer kernels off, packed "
             "batches, gradient checkpointing on 1 of 4 layers, 35% of the compiled layers' activations "
             "kept (the rest recomputed in backward)\n") in section(report, "v2: no quantization")

@@ -78,6 +78,7 @@ def fake_metrics(index, seed=0, **overrides):
         "packed": True,
         "compiled": index == 1,
         "fused_loss": index == 1,
+        "target_logits": index == 0,
         "fused_kernels": False,
         "varlen_attention": False,
         "provenance": {

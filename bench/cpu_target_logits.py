@@ -1,0 +1,100 @@
+"""Logits at the labelled positions only vs at every position, training steps on a CPU
+(StepOptions.target_logits, on wherever the loss is not fused: speedups.decide_speedups).
+
+The trainer's own step (step.train_step) on the embedded default's two tiny models (config.yaml;
+random weights: speed does not depend on them), LoRA as config.yaml sets it, padded batches of
+the default's batch size of the bundled sample's real conversations, tokenized as the pipeline
+tokenizes them (prompt tokens unlabelled) with a tokenizer trained as build_model trains one.
+Both ways alternate step by step on the same batches, so that a machine shared with other work
+slows both alike; the ratio is of the two medians, from one run.
+
+    python bench/cpu_target_logits.py OUT.json [--steps 30] [--threads 1]
+"""
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from machine import cpu_machine  # noqa: E402
+from batches import collate  # noqa: E402
+from build_model import random_init_model, train_tokenizer  # noqa: E402
+from bundled_sample import make_conversations  # noqa: E402
+from chat_format import IGNORE_INDEX, PromptFormat, tokenize_conversation  # noqa: E402
+from experiment_config import TRAINING_DEFAULTS, resolve_config  # noqa: E402
+from model_sources import architecture_spec  # noqa: E402
+from speedups import attach_lora  # noqa: E402
+from step import StepOptions, Update, train_step  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+MODES = {"every position": StepOptions(target_logits=False),
+         "labelled positions only": StepOptions(target_logits=True)}
+
+
+def bundled_examples(config, model):
+    """The bundled sample's conversations as (input_ids, labels) for one of the default's models."""
+    dataset = config["dataset"]
+    rows = make_conversations(dataset["bundled_size"], dataset["seed"], topics=dataset["bundled_topics"])
+    texts = [message["content"] for row in rows for message in row["messages"]]
+    tokenizer = train_tokenizer(texts, model["init"]["vocab_size"], chatml=model["init"]["architecture"] == "qwen3")
+    prompt_format = PromptFormat(tokenizer, model["prompt_format"])
+    max_length = config["training"]["max_length"]
+    return [tokenize_conversation(prompt_format, row["messages"], max_length)[:2] for row in rows]
+
+
+def measure(name, model, lora, examples, batch_size, steps, warmup=3):
+    model = attach_lora(model, lora, gradient_checkpointing=False)
+    model.train()
+    rng = random.Random(0)
+    update = Update(model, {**TRAINING_DEFAULTS, "lr": 1e-3, "steps": steps + warmup})
+    seconds = {mode: [] for mode in MODES}
+    positions = targets = 0
+    for index in range(steps + warmup):
+        batch = collate(rng.sample(examples, batch_size), 0, torch.device("cpu"))
+        for mode, options in MODES.items():
+            result = train_step(model, [batch], update, options)
+            if index >= warmup:
+                seconds[mode].append(result.seconds)
+        positions += batch["labels"].numel()
+        targets += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    median = {mode: statistics.median(values) for mode, values in seconds.items()}
+    row = {"model": name, "batch_size": batch_size, "target_share": targets / positions,
+           **{f"median_s_per_step, logits at {mode}": value for mode, value in median.items()},
+           "labelled_only_over_every": median["labelled positions only"] / median["every position"]}
+    print(f"{name}: {100 * row['target_share']:.0f}% of the positions are targets; logits at every "
+          f"position {median['every position'] * 1000:.0f} ms/step, at the labelled ones "
+          f"{median['labelled positions only'] * 1000:.0f} ms/step "
+          f"({row['labelled_only_over_every']:.2f}x)", flush=True)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode and model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (--cores 1 gives 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = resolve_config(yaml.safe_load((REPO / "config.yaml").read_text()))
+    before = {**cpu_machine(args.threads), "torch": torch.__version__}
+    rows = []
+    for name, model in config["models"].items():
+        spec = architecture_spec(model, config["weights"])
+        built = random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec), device="cpu")
+        rows.append(measure(name, built, config["lora"], bundled_examples(config, model),
+                            config["training"]["batch_size"], args.steps))
+    result = {"machine": before, "load_average_after": os.getloadavg(), "steps": args.steps, "rows": rows,
+              "note": "medians of steps alternating the two ways on the same padded batches, one run"}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
