@@ -273,17 +273,24 @@ def test_model_problems_are_one_line_with_cause_and_fix(tiny_model, tmp_path, mo
 # ---------------------------------------------------------------------------------------------
 # 2. Training never wasted
 
+def is_decoder(module):
+    """The transformers model under the output layer (Qwen3Model inside Qwen3ForCausalLM): it
+    runs once per forward pass, whether the loss comes from all logits or from the targets'."""
+    from transformers import PreTrainedModel
+
+    return isinstance(module, PreTrainedModel) and module.get_output_embeddings() is None
+
+
 @contextlib.contextmanager
 def after_training_forward(action):
-    """Calls action(n, output) after the n-th forward pass of a LoRA model with gradients on
+    """Calls action(n, output) after the n-th forward pass of the decoder with gradients on
     (a training micro-batch, not evaluation), through torch's global module hooks; a result
-    other than None replaces the model's output."""
-    from peft import PeftModel
-
+    other than None replaces the decoder's output (its last hidden states, which the loss reads
+    however it is computed)."""
     calls = []
 
     def hook(module, args, output):
-        if isinstance(module, PeftModel) and torch.is_grad_enabled():
+        if is_decoder(module) and torch.is_grad_enabled():
             calls.append(1)
             return action(len(calls), output)
         return None
@@ -298,13 +305,11 @@ def after_training_forward(action):
 @contextlib.contextmanager
 def counted_evaluations():
     """The evaluations of the held-out split while inside (one list item per evaluation of
-    an eval split of one batch): forward passes of a LoRA model without gradients."""
-    from peft import PeftModel
-
+    an eval split of one batch): forward passes of the decoder without gradients."""
     calls = []
 
     def hook(module, args, output):
-        if isinstance(module, PeftModel) and not torch.is_grad_enabled():
+        if is_decoder(module) and not torch.is_grad_enabled():
             calls.append(1)
 
     handle = torch.nn.modules.module.register_module_forward_hook(hook)
@@ -317,7 +322,7 @@ def counted_evaluations():
 def test_nan_loss_stops_the_variant_with_its_step_and_keeps_the_checkpoint(tiny_model, tmp_path):
     def nan_at_step_3(call, output):
         if call == 3:
-            output.logits = output.logits * float("nan")
+            output.last_hidden_state = output.last_hidden_state * float("nan")
             return output
         return None
 
@@ -407,7 +412,7 @@ import json, os, signal, sys
 sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
-from peft import PeftModel
+from transformers import PreTrainedModel
 import train
 from errors import configure_logging
 from types import SimpleNamespace
@@ -417,7 +422,8 @@ configure_logging(SimpleNamespace(log=[log_file], rule="train", wildcards=[]))
 forwards = []
 
 def signal_during_step(module, inputs):
-    if torch.is_grad_enabled() and isinstance(module, PeftModel):
+    # the decoder (under the output layer): once per training forward pass
+    if torch.is_grad_enabled() and isinstance(module, PreTrainedModel) and module.get_output_embeddings() is None:
         forwards.append(1)
         if len(forwards) == (at_step - 1) * args["training"]["grad_accum"] + 1:
             os.kill(os.getpid(), getattr(signal, signal_name))
