@@ -1,11 +1,13 @@
 """profiles/slurm on a real SLURM: the single-node test cluster of tests/slurm/ (slurmctld,
 slurmd and munge from Debian, started by tests/slurm/start-cluster.sh; .ci/run does that).
 
-The embedded default is submitted through the user-facing profile, unchanged but for one
-command-line option (the first status check after 2 s instead of 40 s, to keep CI fast). Every
-job must have gone through sbatch with the profile's resources (GPU rules a GPU, CPU rules
-none), job status must work without sacct (no accounting database), and the report must carry
-the same numbers as the local run of the `default_run` fixture. A failing job must fail the run.
+The embedded default, with its first training seed only, is submitted through the user-facing
+profile, unchanged but for the status checks' timing (the first after 2 s instead of 40 s, then
+every 2 s). Both keep CI fast: the test cluster has one GPU, so the train jobs run one after the
+other. Every job must have gone through sbatch with the profile's resources (GPU rules a GPU,
+CPU rules none), job status must work without sacct (no accounting database), and the report
+must carry the same numbers as the same seed's runs in the local `default_run` fixture. A
+failing job must fail the run.
 
 In CI (CI set) a missing cluster is an error; elsewhere these tests skip without one.
 """
@@ -27,9 +29,13 @@ import yaml
 from conftest import REPO, copy_workflow
 
 PROFILE = "profiles/slurm"
-# The only test-only setting: first status check 2 s after a submission (profile: 40 s). It
-# stays below the test cluster's MinJobAge / 3, so the plugin keeps using squeue.
-FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "2"]
+# The only test-only settings: first status check 2 s after a submission (profile: 40 s), then
+# every 2 s (Snakemake's default: 10). Both stay below the test cluster's MinJobAge / 3, so the
+# plugin keeps using squeue; a job's end is seen within 2 s instead of 10.
+FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
+# A config file merged over config.yaml: the default's DAG with 3 train jobs instead of 9
+FIRST_SEED = 0
+FIRST_SEED_ONLY = f"training:\n  seeds: [{FIRST_SEED}]\n"
 TEST_CLUSTER_NAME = "loranotes"  # ClusterName in tests/slurm/slurm.conf.in
 GPU_RULES = {"build_model", "train", "generate_before", "generate_after"}
 # metrics.csv columns that must match the local run; timing and memory columns differ per run
@@ -147,9 +153,10 @@ def slurm_run(slurm_cluster, default_run, tmp_path_factory):
     """The embedded default through `snakemake --profile profiles/slurm`, after the local
     `default_run` (not beside it: two torch processes on 2 cores slow each other down a lot)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("slurm_run"))
+    (workdir / "first_seed.yaml").write_text(FIRST_SEED_ONLY)
     started = time.monotonic()
     process, command = _start_snakemake(workdir, "--profile", PROFILE, *FAST_STATUS,
-                                        "results/report.md")
+                                        "--configfile", "first_seed.yaml", "results/report.md")
     returncode, output = _wait(process, command, workdir)
     elapsed = time.monotonic() - started
     if returncode != 0:
@@ -231,7 +238,9 @@ def test_job_status_came_from_squeue_not_sacct(slurm_run):
 
 def test_slurm_run_reproduces_the_local_runs_numbers(slurm_run):
     local = pd.read_csv(slurm_run["local"] / "results" / "metrics.csv")
+    local = local[local["seed"] == FIRST_SEED].reset_index(drop=True)
     on_slurm = pd.read_csv(slurm_run["dir"] / "results" / "metrics.csv")
+    assert list(on_slurm["seed"]) == [FIRST_SEED] * len(on_slurm)
     assert list(on_slurm.columns) == list(local.columns)
     assert len(on_slurm) == len(local) > 0
     for column in COMPARED_EXACT_COLUMNS:
