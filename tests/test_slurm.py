@@ -33,9 +33,8 @@ PROFILE = "profiles/slurm"
 # every 2 s (Snakemake's default: 10). Both stay below the test cluster's MinJobAge / 3, so the
 # plugin keeps using squeue; a job's end is seen within 2 s instead of 10.
 FAST_STATUS = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
-# A config file merged over config.yaml: the default's DAG with 3 train jobs instead of 9
+# The default's DAG with its first seed only: 3 train jobs instead of 9
 FIRST_SEED = 0
-FIRST_SEED_ONLY = f"training:\n  seeds: [{FIRST_SEED}]\n"
 TEST_CLUSTER_NAME = "loranotes"  # ClusterName in tests/slurm/slurm.conf.in
 GPU_RULES = {"build_model", "train", "generate_before", "generate_after"}
 # metrics.csv columns that must match the local run; timing and memory columns differ per run
@@ -153,10 +152,12 @@ def slurm_run(slurm_cluster, default_run, tmp_path_factory):
     """The embedded default through `snakemake --profile profiles/slurm`, after the local
     `default_run` (not beside it: two torch processes on 2 cores slow each other down a lot)."""
     workdir = copy_workflow(tmp_path_factory.mktemp("slurm_run"))
-    (workdir / "first_seed.yaml").write_text(FIRST_SEED_ONLY)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["training"]["seeds"] = [FIRST_SEED]
+    (workdir / "first_seed.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     started = time.monotonic()
-    process, command = _start_snakemake(workdir, "--profile", PROFILE, *FAST_STATUS,
-                                        "--configfile", "first_seed.yaml", "results/report.md")
+    process, command = _start_snakemake(workdir, "results/report.md", "--profile", PROFILE,
+                                        *FAST_STATUS, "--configfile", "first_seed.yaml")
     returncode, output = _wait(process, command, workdir)
     elapsed = time.monotonic() - started
     if returncode != 0:
