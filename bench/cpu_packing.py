@@ -39,15 +39,29 @@ from step import Update, train_step  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
 
 
-def bundled_lengths(config, model):
-    """Token counts of the bundled sample's conversations for one of the default's models."""
+def bundled_examples(config, model):
+    """The bundled sample's conversations as (input_ids, labels) for one of the default's models,
+    tokenized as the pipeline tokenizes them, with a tokenizer trained as build_model trains one."""
     dataset = config["dataset"]
     rows = make_conversations(dataset["bundled_size"], dataset["seed"], topics=dataset["bundled_topics"])
     texts = [message["content"] for row in rows for message in row["messages"]]
     tokenizer = train_tokenizer(texts, model["init"]["vocab_size"], chatml=model["init"]["architecture"] == "qwen3")
     prompt_format = PromptFormat(tokenizer, model["prompt_format"])
     max_length = config["training"]["max_length"]
-    return [len(tokenize_conversation(prompt_format, row["messages"], max_length)[0]) for row in rows]
+    return [tokenize_conversation(prompt_format, row["messages"], max_length)[:2] for row in rows]
+
+
+def bundled_lengths(config, model):
+    """Token counts of the bundled sample's conversations for one of the default's models."""
+    return [len(ids) for ids, _ in bundled_examples(config, model)]
+
+
+def default_models(config):
+    """The embedded default's models with random weights (speed does not depend on them):
+    (name, its config entry, the model) for each."""
+    for name, model in config["models"].items():
+        spec = architecture_spec(model, config["weights"])
+        yield name, model, random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec), device="cpu")
 
 
 def ultrachat_lengths(path, max_length):
@@ -126,9 +140,7 @@ def main():
     training, lora = config["training"], config["lora"]
     before = {**cpu_machine(args.threads), "torch": torch.__version__}
     rows = []
-    for name, model in config["models"].items():
-        spec = architecture_spec(model, config["weights"])
-        built = random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec), device="cpu")
+    for name, model, built in default_models(config):
         rows.append(measure(name, built, lora, bundled_lengths(config, model), training["batch_size"], args.steps))
     if args.fixtures:
         stories = AutoModelForCausalLM.from_pretrained(args.fixtures / "stories260k", dtype=torch.float32)

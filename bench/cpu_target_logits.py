@@ -3,8 +3,8 @@
 
 The trainer's own step (step.train_step) on the embedded default's two tiny models (config.yaml;
 random weights: speed does not depend on them), LoRA as config.yaml sets it, padded batches of
-the default's batch size of the bundled sample's real conversations, tokenized as the pipeline
-tokenizes them (prompt tokens unlabelled) with a tokenizer trained as build_model trains one.
+the default's batch size of the bundled sample's real conversations (cpu_packing.bundled_examples:
+prompt tokens unlabelled, as the pipeline tokenizes them).
 Both ways alternate step by step on the same batches, so that a machine shared with other work
 slows both alike; the ratio is of the two medians, from one run.
 
@@ -22,32 +22,18 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_packing import REPO, bundled_examples, default_models  # noqa: E402  (puts scripts/ on sys.path)
 from machine import cpu_machine  # noqa: E402
+
 from batches import collate  # noqa: E402
-from build_model import random_init_model, train_tokenizer  # noqa: E402
-from bundled_sample import make_conversations  # noqa: E402
-from chat_format import IGNORE_INDEX, PromptFormat, tokenize_conversation  # noqa: E402
+from chat_format import IGNORE_INDEX  # noqa: E402
 from experiment_config import TRAINING_DEFAULTS, resolve_config  # noqa: E402
-from model_sources import architecture_spec  # noqa: E402
 from speedups import attach_lora  # noqa: E402
 from step import StepOptions, Update, train_step  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
 
 MODES = {"every position": StepOptions(target_logits=False),
          "labelled positions only": StepOptions(target_logits=True)}
-
-
-def bundled_examples(config, model):
-    """The bundled sample's conversations as (input_ids, labels) for one of the default's models."""
-    dataset = config["dataset"]
-    rows = make_conversations(dataset["bundled_size"], dataset["seed"], topics=dataset["bundled_topics"])
-    texts = [message["content"] for row in rows for message in row["messages"]]
-    tokenizer = train_tokenizer(texts, model["init"]["vocab_size"], chatml=model["init"]["architecture"] == "qwen3")
-    prompt_format = PromptFormat(tokenizer, model["prompt_format"])
-    max_length = config["training"]["max_length"]
-    return [tokenize_conversation(prompt_format, row["messages"], max_length)[:2] for row in rows]
 
 
 def measure(name, model, lora, examples, batch_size, steps, warmup=3):
@@ -86,9 +72,7 @@ def main():
     config = resolve_config(yaml.safe_load((REPO / "config.yaml").read_text()))
     before = {**cpu_machine(args.threads), "torch": torch.__version__}
     rows = []
-    for name, model in config["models"].items():
-        spec = architecture_spec(model, config["weights"])
-        built = random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec), device="cpu")
+    for name, model, built in default_models(config):
         rows.append(measure(name, built, config["lora"], bundled_examples(config, model),
                             config["training"]["batch_size"], args.steps))
     result = {"machine": before, "load_average_after": os.getloadavg(), "steps": args.steps, "rows": rows,

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import largest, model_directory  # noqa: E402
+from speed import model_directory  # noqa: E402
 from trainers import Configuration, trainer_model  # noqa: E402  (puts scripts/ on sys.path)
-from workloads import KNOWN_ARCHITECTURES, VARIANTS, save_random_model, workloads_of  # noqa: E402
+from workloads import KNOWN_ARCHITECTURES, VARIANTS, largest, save_random_model, workloads_of  # noqa: E402
 
 from experiment_config import TRAINING_DEFAULTS  # noqa: E402
 from step import Update, train_step  # noqa: E402

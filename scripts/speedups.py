@@ -103,8 +103,7 @@ def decide_speedups(training, model_type, device, options=TrainerOptions(), varl
     return Speedups(
         packed=packed,
         fused_loss=fused,  # load_for_training turns it off again for LoRA on lm_head
-        target_logits=(not fused and options.target_logits
-                       and model_type in PLAIN_HEAD_MODEL_TYPES),
+        target_logits=use_target_logits(fused, model_type, options),
         # Compiled layers get their norms, RoPE and SwiGLU fused by torch.compile;
         # Liger's layer kernels are for uncompiled runs.
         fused_kernels=fused and not compiled,
@@ -140,8 +139,15 @@ def load_for_training(model_path, quantization, lora, training, device, trust_re
     model.train()  # transformers 5 loads in eval mode; dropout and checkpointing need train mode
     if setup.fused_loss and not can_fuse_loss(model):
         log.info("fused loss off: LoRA on lm_head needs the plain loss")
-        setup = replace(setup, fused_loss=False, target_logits=options.target_logits)
+        setup = replace(setup, fused_loss=False,
+                        target_logits=use_target_logits(False, model.config.model_type, options))
     return model, setup
+
+
+def use_target_logits(fused_loss, model_type, options):
+    """Logits at the labelled positions only (step.target_token_losses): wherever the loss is
+    not fused and the model's logits are its output layer's (PLAIN_HEAD_MODEL_TYPES)."""
+    return not fused_loss and options.target_logits and model_type in PLAIN_HEAD_MODEL_TYPES
 
 
 def attach_lora(model, lora, gradient_checkpointing):

@@ -54,10 +54,16 @@ def examples(lengths=(7, 12, 4, 9)):
     return result
 
 
-def loss_and_grads(model, batch):
+def result_and_grads(model, batch, options=StepOptions()):
+    """forward_backward's MicroBatch for `batch` and the LoRA gradients it left."""
     model.zero_grad(set_to_none=True)
-    loss = forward_backward(model, batch)[0]
-    return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    result = forward_backward(model, batch, options)
+    return result, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def loss_and_grads(model, batch):
+    result, grads = result_and_grads(model, batch)
+    return result.loss, grads
 
 
 def assert_same(first, second, tolerance=1e-5):
@@ -466,14 +472,10 @@ def test_fused_loss_equals_the_plain_loss(monkeypatch, make_batch):
     model = attach_lora(tiny_model(layers=2), LORA, gradient_checkpointing=False)
     model.train()
     batch = make_batch(examples(), pad_id=0, device="cpu")
-    results = []
-    for fused in (False, True):
-        model.zero_grad(set_to_none=True)
-        loss, correct, targets, tokens = forward_backward(model, batch, StepOptions(fused_loss=fused))
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append(((loss, correct, targets, tokens), grads))
-    assert results[1][0][1:] == results[0][0][1:]  # same correct predictions, targets, tokens
-    assert_same((results[1][0][0], results[1][1]), (results[0][0][0], results[0][1]))
+    (plain, plain_grads), (fused, fused_grads) = (
+        result_and_grads(model, batch, StepOptions(fused_loss=on)) for on in (False, True))
+    assert fused[1:] == plain[1:]  # same correct predictions, targets, tokens
+    assert_same((fused[0], fused_grads), (plain[0], plain_grads))
 
 
 @pytest.mark.parametrize("make_batch", [collate, pack])
@@ -485,13 +487,8 @@ def test_logits_at_targets_only_give_the_full_logits_loss_and_gradients(make_bat
     model = attach_lora(tiny_model(layers=2), lora, gradient_checkpointing=False)
     model.train()
     batch = make_batch(examples(), pad_id=0, device="cpu")
-    results = []
-    for target_logits in (False, True):
-        model.zero_grad(set_to_none=True)
-        result = forward_backward(model, batch, StepOptions(target_logits=target_logits))
-        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        results.append((result, grads))
-    (full, full_grads), (targeted, targeted_grads) = results
+    (full, full_grads), (targeted, targeted_grads) = (
+        result_and_grads(model, batch, StepOptions(target_logits=on)) for on in (False, True))
     assert targeted[1:] == full[1:]  # same correct predictions, targets, tokens
     assert full[2] == sum(len(ids) - len(ids) // 2 for ids, _ in examples())  # the labelled ones
     assert_same((targeted[0], targeted_grads), (full[0], full_grads), tolerance=1e-6)
