@@ -80,11 +80,22 @@ def packed_sequence_bounds(lengths, device):
             "max_length_q": max(lengths), "max_length_k": max(lengths)}
 
 
+# What model_inputs leaves out: the labels, and the mask of collate's padding (on the right).
+NOT_MODEL_INPUTS = ("labels", "attention_mask")
+
+
 def model_inputs(batch):
-    """What the model gets from a batch made by `collate` or `pack`: everything but the labels,
-    and no KV cache (training never decodes; a cache would cost memory and, for packed batches,
-    hide the sequence boundaries from transformers' attention masking)."""
-    return {**{key: value for key, value in batch.items() if key != "labels"}, "use_cache": False}
+    """What the model gets from a batch made by `collate` or `pack`: everything but the labels
+    and the padding mask, and no KV cache (training never decodes; a cache would cost memory
+    and, for packed batches, hide the sequence boundaries from transformers' attention masking).
+
+    Without the padding mask attention is plain causal attention, with no mask to build and
+    apply, and the losses and gradients are the same: padding follows each conversation, so
+    under the causal mask no conversation token sees a pad, and a pad's own output is never a
+    target. A padded step of the embedded default on a CPU takes 0.96x (tiny Qwen3) and 0.93x
+    (tiny Llama) as long, with the same loss (bench/cpu_padding_mask.py)."""
+    return {**{key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}, "use_cache": False}
+
 
 
 def non_padding_tokens(batch):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from batches import collate, pack, target_count
+from batches import collate, model_inputs, pack, target_count
 from chat_format import IGNORE_INDEX
 from step import accumulate, token_loss_sums
 
@@ -32,6 +32,35 @@ def test_loss_equals_transformers_loss_with_masked_labels():
     predictions = logits[:, :-1].argmax(-1)
     expected_correct = ((predictions == labels[:, 1:]) & (labels[:, 1:] != IGNORE_INDEX)).sum()
     assert correct.item() == expected_correct.item()
+
+
+def test_a_padded_batch_trains_as_transformers_does_with_its_padding_mask():
+    """The trainer does not give the model collate's padding mask (batches.model_inputs): the
+    loss and every gradient are transformers' own with the mask."""
+    torch.manual_seed(1)
+    examples = []
+    for length in (5, 12, 9):
+        ids = torch.randint(1, 97, (length,)).tolist()
+        examples.append((ids, [IGNORE_INDEX] * 3 + ids[3:]))  # a "user turn", then targets
+    batch = collate(examples, pad_id=0, device=torch.device("cpu"))
+    assert "attention_mask" not in model_inputs(batch) and (batch["attention_mask"] == 0).any()
+
+    def loss_and_grads(loss_of):
+        model = tiny_model()
+        loss = loss_of(model)
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    def ours(model):
+        loss_sum, _, count = token_loss_sums(model(**model_inputs(batch)).logits, batch["labels"])
+        return loss_sum / count
+
+    loss, grads = loss_and_grads(ours)
+    reference, reference_grads = loss_and_grads(lambda model: model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss)
+    assert torch.allclose(loss, reference, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, reference_grads[name], atol=1e-6), name
 
 
 def test_masked_tokens_get_no_gradient_signal():

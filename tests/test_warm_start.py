@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -157,6 +158,29 @@ def test_sigterm_to_the_entry_reaches_the_warm_job(job_env, warm):
     assert returncode == 128 + signal.SIGTERM
 
 
+def test_a_signal_that_comes_before_the_forks_pid_reaches_the_job():
+    """The entry forwards signals from before it sends its request: one that arrives before the
+    warm process has said which fork runs the job is passed on to that fork once it has."""
+    job = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(7))
+        print("ready", flush=True)
+        time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert job.stdout.readline() == "ready\n"
+    forwarding = warm_start.SignalForwarding()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # taken by the entry's handler, not the default
+        deadline = time.monotonic() + 10
+        while not forwarding.pending:
+            assert time.monotonic() < deadline, "the handler did not run"
+            time.sleep(0.01)
+        forwarding.to(job.pid)
+    finally:
+        forwarding.end()
+    assert job.wait(timeout=30) == 7
+
+
 def test_a_warm_job_whose_entry_is_killed_stops(job_env, warm):
     process, workdir = run_entry(job_env, "killed", "wait")
     wait_for(workdir / "record.json.waiting", process)
@@ -181,6 +205,37 @@ def test_a_changed_environment_needs_another_warm_process():
     assert warm_start.server_key(base) != warm_start.server_key({**base, "HF_HUB_OFFLINE": "0"})
     # Variables read by the job, not at import, share one.
     assert warm_start.server_key(base) == warm_start.server_key({**base, "LORANOTES_COMMAND": "x", "PWD": "/a"})
+
+
+def test_a_killed_warm_process_leaves_no_socket_for_the_next_job_to_wait_for():
+    """A warm process killed (SIGKILL, or SIGTERM: no clean-up) leaves its socket behind. The
+    next warm process's start removes it: a job waiting for the new one must not take the dead
+    one's socket for it, connect to nobody and start cold (the first build_model of a run did,
+    7 s of imports of its own)."""
+    directory = Path(tempfile.mkdtemp(prefix="lk", dir="/tmp"))  # short: a socket path has <108 bytes
+    paths = warm_start.server_paths(directory, "key")
+    pids = []
+    try:
+        for _ in range(2):
+            warm_start.start_server(paths)
+            assert not paths["socket"].exists()  # none, or the killed one's removed
+            assert warm_start.wait_until_warm(paths, seconds=240), paths["log"].read_text()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+                connection.connect(str(paths["socket"]))  # listening, not a leftover
+            pids.append(int(paths["lock"].read_text()))
+            os.kill(pids[-1], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while warm_start._server_alive(paths):
+                assert time.monotonic() < deadline, "the killed warm process holds its lock"
+                time.sleep(0.05)
+            assert paths["socket"].exists()  # left behind
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert pids[0] != pids[1]
 
 
 def one_run_config():

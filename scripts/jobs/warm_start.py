@@ -48,22 +48,29 @@ IDLE_SECONDS = 300  # on a busy 2-core machine, 60 s can pass between two heavy 
 # along than a cold start of their own would be); the others run cold meanwhile.
 TORCH_SCRIPTS = {"build_model", "generate", "train"}
 WARMING_WAIT_SECONDS = 120
-# What a warm process imports: the libraries of the heavy jobs, in the order they load.
+# What a warm process imports before it takes jobs: what build_model, the first job that waits for
+# it, needs, and what unpickles a job's request: 8 s on an idle 2-core machine, where importing
+# PRELOAD_LATER too took 11.7 s.
 PRELOAD = [
     "numpy",
-    "pandas",
     "torch",
     "transformers",
     "transformers.modeling_utils",
     "transformers.tokenization_utils_fast",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen3.modeling_qwen3",
+    "snakemake.script",
+]
+# The other jobs' libraries, imported once the warm process takes jobs, whenever none is waiting:
+# while the first build_model pretrains (15 s). A job that starts before they are all in imports
+# the rest itself.
+PRELOAD_LATER = [
+    "pandas",
     "bitsandbytes",
     "peft",
     "jinja2",
     "scipy.stats",  # compare_variants's t-tests
     "matplotlib.pyplot",  # the plots (plot_loss picks the Agg backend itself)
-    "snakemake.script",
 ]
 # The versions that name a warm process: a changed library needs a new one.
 LIBRARIES = ["torch", "transformers", "peft", "bitsandbytes", "pandas", "numpy", "snakemake"]
@@ -198,23 +205,51 @@ def run_in_server(socket_path, script, snakemake):
             "argv": list(sys.argv),
         }
     )
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
-        connection.connect(str(socket_path))
-        socket.send_fds(connection, [HEADER.pack(len(request))], [0, 1, 2])
-        connection.sendall(request)
-        reply = _receive(connection, REPLY.size)
-        if reply is None:
-            return None
-        pid = REPLY.unpack(reply)[1]
-        previous = {s: signal.signal(s, lambda number, _: _signal_fork(pid, number)) for s in FORWARDED_SIGNALS}
-        try:
+    forwarding = SignalForwarding()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
+            connection.connect(str(socket_path))
+            socket.send_fds(connection, [HEADER.pack(len(request))], [0, 1, 2])
+            connection.sendall(request)
             reply = _receive(connection, REPLY.size)
-        finally:
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+            if reply is None:
+                return None
+            forwarding.to(REPLY.unpack(reply)[1])
+            reply = _receive(connection, REPLY.size)
+    finally:
+        forwarding.end()
     if reply is None:
         sys.exit("loranotes: the warm process ended before the job did; run again (LORANOTES_WARM_START=0 turns warm starts off)")
     return REPLY.unpack(reply)[1]
+
+
+class SignalForwarding:
+    """SIGINT, SIGTERM and SIGHUP sent to the entry process, passed on to the job's fork. Set up
+    before the request is sent: a signal that comes before the fork's pid does is passed on once
+    it is known, or, if the warm process never starts the job, taken by the entry itself when
+    forwarding ends (the job then runs cold, or not at all)."""
+
+    def __init__(self):
+        self.pid, self.pending = None, []
+        self.previous = {number: signal.signal(number, self._received) for number in FORWARDED_SIGNALS}
+
+    def _received(self, number, _frame):
+        if self.pid is None:
+            self.pending.append(number)
+        else:
+            _signal_fork(self.pid, number)
+
+    def to(self, pid):
+        self.pid = pid
+        for number in self.pending:
+            _signal_fork(pid, number)
+        self.pending.clear()
+
+    def end(self):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        for number in self.pending:  # for a job that never started warm
+            os.kill(os.getpid(), number)
 
 
 def _signal_fork(pid, number):
@@ -251,6 +286,9 @@ def start_server(paths):
     lock = _take_lock(paths)
     if lock is None:
         return  # one is starting or running
+    # No warm process lives (we hold its lock): a socket here is a killed one's, and a job that
+    # saw it would take it for the new one's, find nobody listening and start cold.
+    paths["socket"].unlink(missing_ok=True)
     with open(paths["log"], "ab") as log:
         # The warm process holds the lock (its inherited copy of this file) while it lives.
         subprocess.Popen(
@@ -266,44 +304,87 @@ def start_server(paths):
 
 
 def serve(socket_path, lock, idle_seconds=IDLE_SECONDS):
-    """Import PRELOAD, then fork a job for each request until idle_seconds pass without one.
-    lock: the file descriptor of the lock it holds while it lives; it writes its pid there."""
+    """Import PRELOAD, then fork a job for each request until idle_seconds pass without one,
+    importing PRELOAD_LATER meanwhile. lock: the file descriptor of the lock it holds while it
+    lives; it writes its pid there."""
     started = time.monotonic()
+    # Stopped (pkill, a logout), it removes its socket on the way out (the forks reset this).
+    signal.signal(signal.SIGTERM, lambda number, _frame: sys.exit(128 + number))
     os.ftruncate(lock, 0)
     os.pwrite(lock, str(os.getpid()).encode(), 0)
     for name in PRELOAD:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass  # an optional library (bitsandbytes) that is not installed
+        _preload(name)
     print(f"{time.strftime('%F %T')} pid {os.getpid()}: warm after {time.monotonic() - started:.1f} s", flush=True)
-    socket_path.unlink(missing_ok=True)  # a warm process that died; we hold the lock
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    # Bound under a temporary name and renamed: a socket that exists accepts connections.
+    # Bound and listening under a temporary name, then renamed: a socket that exists accepts
+    # connections.
     listener.bind(f"{socket_path}.{os.getpid()}")
-    os.rename(f"{socket_path}.{os.getpid()}", socket_path)
     listener.listen(16)
-    jobs = {}  # pid -> connection to its entry process
+    os.rename(f"{socket_path}.{os.getpid()}", socket_path)
+    later = list(PRELOAD_LATER)
+    jobs = {}  # pid -> Job
     last_activity = time.monotonic()
     try:
         while jobs or time.monotonic() - last_activity < idle_seconds:
-            ready, _, _ = select.select([listener], [], [], 0.2)
-            if ready:
+            ready = _wait(listener, jobs, timeout=0 if later else 1.0)
+            if listener in ready:
                 connection, _ = listener.accept()
-                pid = _start_job(listener, connection)
-                if pid is not None:
-                    jobs[pid] = connection
+                job = _start_job(listener, connection)
+                if job is not None:
+                    jobs[job.pid] = job
             for pid, status in _ended(jobs):
                 print(f"{time.strftime('%F %T')} job {pid}: exit status {os.waitstatus_to_exitcode(status)}", flush=True)
-                with jobs.pop(pid) as connection:
+                job = jobs.pop(pid)
+                job.close()
+                with job.connection as connection:
                     try:
                         connection.sendall(REPLY.pack(b"X", status))
                     except OSError:
                         pass  # its entry process is gone
                 last_activity = time.monotonic()
+            if not ready and later:
+                _preload(later.pop(0))
+                if not later:
+                    print(f"{time.strftime('%F %T')} all imported after {time.monotonic() - started:.1f} s", flush=True)
     finally:
         socket_path.unlink(missing_ok=True)
         listener.close()
+
+
+def _preload(name):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        pass  # an optional library (bitsandbytes) that is not installed
+
+
+class Job:
+    """A forked job: its pid, the connection to its entry process, and a descriptor that becomes
+    readable when it ends (a pidfd; None where there is none, and then it is polled)."""
+
+    POLL_SECONDS = 0.2
+
+    def __init__(self, pid, connection):
+        self.pid, self.connection = pid, connection
+        try:
+            self.ended_fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux 5.3+ / Python 3.9+
+            self.ended_fd = None
+
+    def close(self):
+        if self.ended_fd is not None:
+            os.close(self.ended_fd)
+
+
+def _wait(listener, jobs, timeout):
+    """What became ready within `timeout` seconds: the listener (a request) or an ended job's
+    descriptor. A job's end is seen as it happens, not at the next poll: the entry process, and
+    Snakemake after it, learn of it at once."""
+    watched = [listener, *(job.ended_fd for job in jobs.values() if job.ended_fd is not None)]
+    if any(job.ended_fd is None for job in jobs.values()):
+        timeout = min(timeout, Job.POLL_SECONDS)
+    ready, _, _ = select.select(watched, [], [], timeout)
+    return ready
 
 
 def _ended(jobs):
@@ -315,7 +396,7 @@ def _ended(jobs):
 
 
 def _start_job(listener, connection):
-    """Fork a job for the request on connection; its pid, or None for a broken request."""
+    """Fork a job for the request on connection; the Job, or None for a broken request."""
     try:
         header, fds, _, _ = socket.recv_fds(connection, HEADER.size, 3)
         request = _receive(connection, HEADER.unpack(header)[0])
@@ -334,7 +415,7 @@ def _start_job(listener, connection):
         os.close(fd)
     print(f"{time.strftime('%F %T')} job {pid}: {request['script']} in {request['cwd']}", flush=True)
     connection.sendall(REPLY.pack(b"P", pid))
-    return pid
+    return Job(pid, connection)
 
 
 def _run_forked(connection, fds, request):
