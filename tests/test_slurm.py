@@ -298,6 +298,9 @@ def test_a_failing_job_fails_the_run(slurm_cluster, tmp_path):
     assert not (tmp_path / "out.txt").exists()
 
 
+LONG_STEPS = 100_000
+
+
 def test_a_train_job_at_its_time_limit_resumes_where_it_stopped(slurm_cluster, tmp_path):
     """The profile as shipped (its --signal ahead of the time limit, its retries), with one
     change: a 4-minute time limit for train, so that a long training hits it. The first job
@@ -306,7 +309,9 @@ def test_a_train_job_at_its_time_limit_resumes_where_it_stopped(slurm_cluster, t
     workdir = copy_workflow(tmp_path / "workflow")
     config = yaml.safe_load((workdir / "config.yaml").read_text())
     config["dataset"].update(num_train=40, num_eval=8)
-    config["training"].update(steps=3000, checkpoint_every=0, eval_every=0, seeds=[0],
+    # More steps than the 2 minutes before the TERM can hold: 3,000 finished in 110 s once
+    # padded steps lost their mask and the default's batches shrank to 3.
+    config["training"].update(steps=LONG_STEPS, checkpoint_every=0, eval_every=0, seeds=[0],
                               max_length=128)
     del config["models"]["tiny-llama"]
     config["models"]["tiny-qwen3"]["init"]["pretrain"] = {"steps": 10}
@@ -349,10 +354,10 @@ def test_a_train_job_at_its_time_limit_resumes_where_it_stopped(slurm_cluster, t
                         r"rerun to resume", first_log.read_text())
     assert stopped, first_log.read_text()[-4000:]
     step = int(stopped.group(1))
-    assert 0 < step < 3000
+    assert 0 < step < LONG_STEPS
     assert "Trying to restart job" in output
     resumed = (f"resuming from results/checkpoints/v1/seed-0/step-{step}: "
-               f"{step} of 3000 steps done")
+               f"{step} of {LONG_STEPS} steps done")
     assert resumed in second_log.read_text(), second_log.read_text()[-4000:]
     # the job's own log tells both parts
     text = log.read_text()
