@@ -64,6 +64,27 @@ def default_models(config):
         yield name, model, random_init_model(AutoConfig.for_model(spec.pop("architecture"), **spec), device="cpu")
 
 
+def alternating_bench_main(description, measure):
+    """The command line of a bench that times two ways of a step alternating on the same padded
+    batches of the bundled sample, on each of the embedded default's models:
+    `measure(name, model, lora, examples, batch_size, steps)` gives a row of OUT.json."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("out")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode and model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (--cores 1 gives 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config = resolve_config(yaml.safe_load((REPO / "config.yaml").read_text()))
+    before = {**cpu_machine(args.threads), "torch": torch.__version__}
+    rows = []
+    for name, model, built in default_models(config):
+        rows.append(measure(name, built, config["lora"], bundled_examples(config, model),
+                            config["training"]["batch_size"], args.steps))
+    result = {"machine": before, "load_average_after": os.getloadavg(), "steps": args.steps, "rows": rows,
+              "note": "medians of steps alternating the two ways on the same padded batches, one run"}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
 def ultrachat_lengths(path, max_length):
     """Real UltraChat conversation lengths (characters / 4), cut at max_length."""
     lengths = []

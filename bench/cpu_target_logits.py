@@ -11,24 +11,19 @@ slows both alike; the ratio is of the two medians, from one run.
     python bench/cpu_target_logits.py OUT.json [--steps 30] [--threads 1]
 """
 
-import argparse
-import json
-import os
 import random
 import statistics
 import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cpu_packing import REPO, bundled_examples, default_models  # noqa: E402  (puts scripts/ on sys.path)
-from machine import cpu_machine  # noqa: E402
+from cpu_packing import alternating_bench_main  # noqa: E402  (puts scripts/ on sys.path)
 
 from batches import collate  # noqa: E402
 from chat_format import IGNORE_INDEX  # noqa: E402
-from experiment_config import TRAINING_DEFAULTS, resolve_config  # noqa: E402
+from experiment_config import TRAINING_DEFAULTS  # noqa: E402
 from speedups import attach_lora  # noqa: E402
 from step import StepOptions, Update, train_step  # noqa: E402
 
@@ -62,23 +57,5 @@ def measure(name, model, lora, examples, batch_size, steps, warmup=3):
     return row
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per mode and model")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (--cores 1 gives 1)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    config = resolve_config(yaml.safe_load((REPO / "config.yaml").read_text()))
-    before = {**cpu_machine(args.threads), "torch": torch.__version__}
-    rows = []
-    for name, model, built in default_models(config):
-        rows.append(measure(name, built, config["lora"], bundled_examples(config, model),
-                            config["training"]["batch_size"], args.steps))
-    result = {"machine": before, "load_average_after": os.getloadavg(), "steps": args.steps, "rows": rows,
-              "note": "medians of steps alternating the two ways on the same padded batches, one run"}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    alternating_bench_main(__doc__.splitlines()[0], measure)
