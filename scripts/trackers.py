@@ -117,11 +117,15 @@ class Wandb:
 
         self.wandb = wandb
         self.settings = settings
-        Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
+        # An absolute directory: W&B's service process writes the run's records relative to its
+        # own working directory, which is the one of the first run it served in this process.
+        # With a relative one, a second run after a chdir (the tests) lost its whole record.
+        run_dir = Path(settings["dir"]).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
         quiet = wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)
         self.run = wandb.init(
             project=settings["project"], entity=settings["entity"], mode=settings["mode"],
-            group=settings["group"] or group, name=name, dir=settings["dir"], settings=quiet,
+            group=settings["group"] or group, name=name, dir=str(run_dir), settings=quiet,
             **({"id": record["id"], "resume": "allow"} if record else {}),
         )
 
