@@ -4,7 +4,9 @@ and MLflow as the config's `logging:` asks, where researchers already compare ru
 The trainer calls a `Trackers` at four points: `start` (the run's resolved settings as run config,
 and what it already has: the eval before training, or the steps of the checkpoint it resumes
 from), `step` and `evaluation` (each as it happens), `finish` (the provenance as run config, the
-final metrics as summary, and `tracking.json`: where the run went). The generate_after job of a
+final metrics as summary, and `tracking.json`: where the run went). A run that ends without its
+results (an error, a stop by signal that a rerun resumes) is marked so in each tracker, with the
+reason, when it leaves `with trackers:`; it never shows as running forever. The generate_after job of a
 variant's first seed reopens that run from `tracking.json` and adds the before/after samples as a
 table. Only rank 0 logs.
 
@@ -22,6 +24,7 @@ import shutil
 from pathlib import Path
 
 from errors import first_line
+from graceful_stop import Stopped
 
 log = logging.getLogger("loranotes.trackers")
 
@@ -104,6 +107,10 @@ class TensorBoard:
     def close(self):
         self.writer.close()
 
+    def end_unfinished(self, reason, stopped):
+        self.writer.add_text("ended", reason)
+        self.writer.close()
+
     def record(self):
         return {"log_dir": str(self.log_dir)}
 
@@ -143,6 +150,10 @@ class Wandb:
 
     def close(self):
         self.run.finish()
+
+    def end_unfinished(self, reason, stopped):
+        self.run.summary["ended"] = reason
+        self.run.finish(exit_code=1)  # W&B shows a run with a non-zero exit code as failed
 
     def record(self):
         return {"id": self.run.id, "project": self.settings["project"],
@@ -199,6 +210,10 @@ class Mlflow:
     def close(self):
         self.client.set_terminated(self.run_id)
 
+    def end_unfinished(self, reason, stopped):
+        self.client.set_tag(self.run_id, "ended", reason)
+        self.client.set_terminated(self.run_id, status="KILLED" if stopped else "FAILED")
+
     def record(self):
         return {"run_id": self.run_id, "tracking_uri": self.uri}
 
@@ -214,6 +229,21 @@ class Trackers:
         self.trackers = dict(trackers or {})
         self.settings = settings or {}
         self.record_path = record_path
+        self.closed = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        """Leaving with an error before `finish`: each tracker marks the run as ended without
+        its results ("ended": the reason): failed, or killed for a stop by signal (Stopped).
+        No tracking.json is written, so the job has no output and reruns."""
+        if error is None or self.closed:
+            return
+        reason = str(error) if isinstance(error, Stopped) else first_line(error)
+        self._each("end_unfinished",
+                   lambda tracker: tracker.end_unfinished(reason, isinstance(error, Stopped)))
+        self.closed = True
 
     def start(self, progress):
         """The run's settings as config; the steps and evaluations it has already."""
@@ -252,6 +282,7 @@ class Trackers:
 
     def close(self):
         self._each("close", lambda tracker: tracker.close())
+        self.closed = True
         if self.record_path:
             write_record(self.record_path, {name: tracker.record()
                                             for name, tracker in self.trackers.items()})

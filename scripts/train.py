@@ -318,7 +318,8 @@ def main(snakemake):
                Path(snakemake.params.checkpoints) / "torchrun.json",
                job={"rule": snakemake.rule, "wildcards": list(snakemake.wildcards)})
     torch.set_num_threads(snakemake.threads)
-    train(**arguments, trackers=open_trackers(**tracking))
+    with open_trackers(**tracking) as trackers:
+        train(**arguments, trackers=trackers)
 
 
 if __name__ == "__main__":

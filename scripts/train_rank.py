@@ -10,7 +10,7 @@ import torch
 
 from distributed import configure_rank_logging
 from errors import entry_point
-from trackers import open_trackers
+from trackers import Trackers, open_trackers
 from train import train
 
 
@@ -21,7 +21,8 @@ def main(arguments_file):
     configure_rank_logging(arguments["log"], rank)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     tracking = arguments.get("tracking")  # none: the run is not logged to a tracker
-    train(**arguments["train"], trackers=tracking and open_trackers(**tracking, rank=rank))
+    with (open_trackers(**tracking, rank=rank) if tracking else Trackers()) as trackers:
+        train(**arguments["train"], trackers=trackers)
 
 
 if __name__ == "__main__":

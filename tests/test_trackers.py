@@ -4,9 +4,12 @@ tracker that fails never fails the run; a tracker named in the config but not in
 the dry run with what to install."""
 
 import copy
+import errno
 import glob
 import json
 import logging
+import os
+import signal
 import struct
 from pathlib import Path
 
@@ -44,8 +47,8 @@ def tracked_run(tiny_model, workdir, logging_config, group="report-1"):
     args = train_args(tiny_model, workdir / "out", eval_every=5)
     settings = {"model": "tiny", "quantization": "none", "training": args["training"],
                 "lora": args["lora"]}
-    opened = trackers.open_trackers(tracking, settings, workdir / "out" / "tracking.json")
-    metrics = train.train(**args, trackers=opened)
+    with trackers.open_trackers(tracking, settings, workdir / "out" / "tracking.json") as opened:
+        metrics = train.train(**args, trackers=opened)  # as train.py's main runs it
     return metrics, pd.read_csv(workdir / "out" / "train_log.csv"), tracking
 
 
@@ -88,9 +91,9 @@ def wandb_records(path):
 
 
 def wandb_offline_run(directory):
-    """{"run": RunRecord, "history": {key: {step: value}}, "config", "summary"} of the offline
-    run directories under `directory` (several when a run was reopened), merged."""
-    found = {"history": {}, "config": {}, "summary": {}, "runs": []}
+    """{"run": RunRecord, "history": {key: {step: value}}, "config", "summary", "exit_code"} of
+    the offline run directories under `directory` (several when a run was reopened), merged."""
+    found = {"history": {}, "config": {}, "summary": {}, "runs": [], "exit_code": None}
     for path in sorted(glob.glob(f"{directory}/wandb/offline-run-*/run-*.wandb")):
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
@@ -101,6 +104,8 @@ def wandb_offline_run(directory):
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
                 for key, value in items.items():
                     found["history"].setdefault(key, {})[items["_step"]] = value
+            elif kind == "exit":
+                found["exit_code"] = record.exit.exit_code
             elif kind in ("config", "summary"):
                 found[kind].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                     for i in getattr(record, kind).update})
@@ -147,6 +152,7 @@ def test_a_run_is_logged_to_tensorboard_wandb_and_mlflow(tiny_model, in_tmp):
     assert run["config"]["provenance"]["settings"]["training"]["seed"] == 0
     assert run["summary"]["eval_loss_after"] == pytest.approx(metrics["eval_loss_after"])
     assert run["summary"]["median_s_per_step"] == pytest.approx(metrics["median_s_per_step"])
+    assert run["exit_code"] == 0
 
     # MLflow: a file store at results/tracking/mlruns
     client = mlflow_client(record["mlflow"]["tracking_uri"])
@@ -196,6 +202,51 @@ def test_a_rerun_replaces_the_runs_tensorboard_events(tiny_model, in_tmp):
     tracked_run(tiny_model, in_tmp, {"tensorboard": True})
     log_dir = in_tmp / "results" / "tracking" / "tensorboard" / "v1-seed0"
     assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+
+
+# --- a run that ends without its results is marked so ---------------------------------------------
+
+def sigterm_during_step(step):
+    """Trackers.step that sends this process SIGTERM while it logs `step`: a stop by signal."""
+    real_step = trackers.Trackers.step
+
+    def step_then_sigterm(self, record):
+        real_step(self, record)
+        if record["step"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return step_then_sigterm
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.parametrize("how, status, reason", [
+    ("stopped", "KILLED", "stopped at step 3 by SIGTERM; no checkpoint kept (no checkpoint "
+                          "directory); a rerun starts over"),
+    ("failed", "FAILED", "OSError: [Errno 28] No space left on device"),
+])
+def test_a_run_that_ends_without_its_results_is_marked_so_in_each_tracker(
+        tiny_model, in_tmp, monkeypatch, how, status, reason):
+    if how == "stopped":
+        monkeypatch.setattr(trackers.Trackers, "step", sigterm_during_step(3))
+    else:
+        monkeypatch.setattr(train, "write_outputs", disk_full)
+    with pytest.raises(Exception) as raised:
+        tracked_run(tiny_model, in_tmp, ALL_THREE)
+    assert reason.endswith(str(raised.value))  # the job fails as it did without trackers
+    assert not (in_tmp / "out" / "tracking.json").exists()  # the job has no output: it reruns
+
+    scalars, texts = tensorboard_events(in_tmp / "results" / "tracking" / "tensorboard" / "v1-seed0")
+    assert texts["ended"] == reason
+    run = wandb_offline_run(in_tmp / "results" / "tracking")
+    assert run["exit_code"] == 1 and run["summary"]["ended"] == reason  # W&B: failed
+    mlruns = in_tmp / "results" / "tracking" / "mlruns"
+    client = mlflow_client(mlruns.as_uri())
+    logged, = client.search_runs([client.get_experiment_by_name("loranotes").experiment_id])
+    assert logged.info.status == status and logged.data.tags["ended"] == reason
+    steps_logged = 3 if how == "stopped" else 12
+    assert max(scalars["train/loss"]) == max(run["history"]["train/loss"]) == steps_logged
 
 
 # --- failures never fail the training -----------------------------------------------------------
