@@ -160,12 +160,13 @@ def configure_rank_logging(log_path, rank):
     terminal); the other ranks only their warnings and errors, into the same log, marked."""
     from types import SimpleNamespace
 
-    from errors import configure_logging
+    from errors import configure_logging, quiet_known_noise
 
     job = json.loads(os.environ.get("LORANOTES_JOB", "{}"))
     if rank == 0:
         configure_logging(SimpleNamespace(log=[log_path], **job))
         return
+    quiet_known_noise()
     to_log = logging.FileHandler(log_path, delay=True)  # opened only for a warning
     to_log.setFormatter(logging.Formatter(f"rank {rank}: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[to_log])

@@ -60,9 +60,18 @@ def configure_logging(snakemake):
     for handler in [h for h in logger.handlers if isinstance(h, logging.StreamHandler)]:
         logger.removeHandler(handler)  # a process running several mains (tests) keeps one
     logger.addHandler(to_terminal)
-    # peft 0.21 reads transformers' is_gradient_checkpointing, deprecated in transformers 5.2x:
-    # a warning on every job that says nothing to the user.
+    quiet_known_noise()
+
+
+def quiet_known_noise():
+    """Leave out third-party messages that come on every job and say nothing to the user."""
+    # peft 0.21 reads transformers' is_gradient_checkpointing, deprecated in transformers 5.2x.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+    # bitsandbytes 0.50, imported on a CPU with AVX512-BF16, tries to fetch a 4-bit CPU kernel
+    # from the Hugging Face Hub (the `kernels` package) and warns when it cannot; its own CPU
+    # kernel runs instead. On such a CPU the warning was in every job's log, and on every rank.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage())
 
 
 def job_log_file():
