@@ -57,6 +57,20 @@ def generate_samples(model, prompt_format, prompts, max_new_tokens, device, no_r
     return samples
 
 
+def load_for_generation(model_path, quantization, device, adapter=None, trust_remote_code=False):
+    """The base model, with the LoRA adapter directory `adapter` on it where one is given."""
+    model = load_base_model(model_path, quantization, device, trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if quantization == "none":
+            # Folding the adapter into the weights gives the same outputs, faster. (Merging into
+            # nf4 weights would re-quantize them, so quantized models keep the adapter separate.)
+            model = model.merge_and_unload()
+    return model
+
+
 @entry_point
 def main(snakemake):
     configure_logging(snakemake)
@@ -65,17 +79,9 @@ def main(snakemake):
     device = pick_device(params.device)
     tokenizer = load_tokenizer(params.model_path, params.model["trust_remote_code"])
     prompt_format = PromptFormat(tokenizer, params.model["prompt_format"])
-    model = load_base_model(params.model_path, params.quantization, device,
-                            params.model["trust_remote_code"])
     adapter = snakemake.input.get("adapter")
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-        if params.quantization == "none":
-            # Folding the adapter into the weights gives the same outputs, faster. (Merging into
-            # nf4 weights would re-quantize them, so quantized models keep the adapter separate.)
-            model = model.merge_and_unload()
+    model = load_for_generation(params.model_path, params.quantization, device, adapter,
+                                params.model["trust_remote_code"])
     no_repeat = params.generation["no_repeat_ngram_size"]
     samples = generate_samples(model, prompt_format, params.prompts,
                                params.generation["max_new_tokens"], device, no_repeat)
