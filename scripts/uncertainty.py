@@ -47,6 +47,16 @@ def fixed(value, decimals, fallback=4, thousands=False):
     return f"{value:{separator}.{places}f}"
 
 
+def bound(value, decimals):
+    """An interval's bound: fixed(), except that a bound that is not zero but would print as 0
+    or -0 ("95% CI -0.0000 to 0.0049") gets its first significant digit (-0.00002), so the
+    line shows which side of zero it is on."""
+    text = fixed(value, decimals)
+    if value == 0 or float(text.replace(",", "")) != 0:
+        return text
+    return fixed(value, -math.floor(math.log10(abs(value))))
+
+
 @dataclass(frozen=True)
 class Difference:
     """a - b for one metric, and how sure it is."""
@@ -127,9 +137,9 @@ def verdict(difference, a, b, what, lower="lower", higher="higher", noise_floor=
         direction = lower if difference.difference < 0 else higher
         low, high = sorted(abs(bound) for bound in (difference.ci_low, difference.ci_high))
         return (f"{what}: {a} {direction} than {b} by {fixed(abs(difference.difference), places)} "
-                f"({level} {fixed(low, places)}–{fixed(high, places)}; {test})")
+                f"({level} {bound(low, places)}–{bound(high, places)}; {test})")
     n = len(difference.seeds) if difference.test == "paired t-test" else min(difference.n_a, difference.n_b)
     interval = ("" if difference.ci_low is None else
-                f", {level} {fixed(difference.ci_low, places)} to {fixed(difference.ci_high, places)}")
+                f", {level} {bound(difference.ci_low, places)} to {bound(difference.ci_high, places)}")
     return (f"{what}: no difference detectable with {n} seeds ({a} − {b} = "
             f"{fixed(difference.difference, places)}{interval}; {test})")

@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 import compare_variants
-from uncertainty import compare, decimals_for, fixed, mean_sd, verdict
+from uncertainty import Difference, compare, decimals_for, fixed, mean_sd, verdict
 from util import fake_snakemake
 
 T_975_DF2 = 4.302652729911275  # Student's t, 97.5th percentile, 2 degrees of freedom
@@ -40,6 +40,16 @@ def test_an_interval_that_contains_zero_is_no_detectable_difference():
     assert difference.ci_low < 0 < difference.ci_high and not difference.detected
     line = verdict(difference, "v2", "v1", "eval loss")
     assert line.startswith("eval loss: no difference detectable with 3 seeds (v2 − v1 = -0.04, 95% CI -0.09 to 0.01; paired t-test")
+
+
+@pytest.mark.parametrize("low, high, printed", [
+    (-0.00002, 0.0049, "no difference detectable with 3 seeds (v2 − v1 = 0.0024, 95% CI -0.00002 to 0.0049"),
+    (0.000031, 0.0049, "v2 higher than v1 by 0.0024 (95% CI 0.00003–0.0049"),
+])
+def test_a_bound_near_zero_shows_its_side_of_zero(low, high, printed):
+    # seen in the default's notes: "95% CI -0.0000 to 0.0049", which reads as if it touched zero
+    difference = Difference(0.0024, low, high, 0.05, "paired t-test", (0, 1, 2), 3, 3)
+    assert printed in verdict(difference, "v2", "v1", "held-out accuracy")
 
 
 def test_pairing_by_seed_removes_the_data_order_noise_welch_cannot():
