@@ -70,8 +70,12 @@ def quiet_known_noise():
     # bitsandbytes 0.50, imported on a CPU with AVX512-BF16, tries to fetch a 4-bit CPU kernel
     # from the Hugging Face Hub (the `kernels` package) and warns when it cannot; its own CPU
     # kernel runs instead. On such a CPU the warning was in every job's log, and on every rank.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-        lambda record: "kernels-community" not in record.getMessage())
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_hub_kernel_warning)
+
+
+def _not_the_hub_kernel_warning(record):
+    # one function, so that configuring logging again (tests run several mains) adds no filter
+    return "kernels-community" not in record.getMessage()
 
 
 def job_log_file():

@@ -109,7 +109,7 @@ class TensorBoard:
 
     def end_unfinished(self, reason, stopped):
         self.writer.add_text("ended", reason)
-        self.writer.close()
+        self.close()
 
     def record(self):
         return {"log_dir": str(self.log_dir)}
@@ -240,9 +240,9 @@ class Trackers:
         No tracking.json is written, so the job has no output and reruns."""
         if error is None or self.closed:
             return
-        reason = str(error) if isinstance(error, Stopped) else first_line(error)
-        self._each("end_unfinished",
-                   lambda tracker: tracker.end_unfinished(reason, isinstance(error, Stopped)))
+        stopped = isinstance(error, Stopped)
+        reason = str(error) if stopped else first_line(error)
+        self._each("end_unfinished", lambda tracker: tracker.end_unfinished(reason, stopped))
         self.closed = True
 
     def start(self, progress):

@@ -52,7 +52,7 @@ def bound(value, decimals):
     or -0 ("95% CI -0.0000 to 0.0049") gets its first significant digit (-0.00002), so the
     line shows which side of zero it is on."""
     text = fixed(value, decimals)
-    if value == 0 or float(text.replace(",", "")) != 0:
+    if value == 0 or float(text) != 0:
         return text
     return fixed(value, -math.floor(math.log10(abs(value))))
 

@@ -84,27 +84,27 @@ def answers_of_every_run(default_run, learned):
     Whether a tiny model's greedy answer lands on its topic is a coin that came up differently
     with other CPU instructions (AVX2 or AVX-512) for the same config, 6 or 4 of those 9."""
     config, _ = learned
-    device = torch.device("cpu")
+    device, asked, generation = torch.device("cpu"), questions(config), config["generation"]
     answers = {}
     for name, variant in config["variants"].items():
         model_path = default_run / "results" / "models" / variant["model"]
-        prompt_format = PromptFormat(load_tokenizer(model_path), config["models"][variant["model"]]["prompt_format"])
+        prompt_format = PromptFormat(load_tokenizer(model_path),
+                                     config["models"][variant["model"]]["prompt_format"])
         for seed in variant["seeds"]:
             adapter = default_run / "results" / "variants" / name / f"seed-{seed}" / "adapter"
             model = load_for_generation(model_path, variant["quantization"], device, adapter)
-            answers[name, seed] = generate_samples(
-                model, prompt_format, questions(config), config["generation"]["max_new_tokens"],
-                device, config["generation"]["no_repeat_ngram_size"])
+            answers[name, seed] = generate_samples(model, prompt_format, asked,
+                                                   generation["max_new_tokens"], device,
+                                                   generation["no_repeat_ngram_size"])
     return answers
 
 
 def test_fine_tuned_answers_are_mostly_about_what_was_asked(answers_of_every_run):
-    answers = [s for run in answers_of_every_run.values() for s in run]
-    hits = sum(on_topic(s) for s in answers)
-    assert hits > len(answers) / 2, f"{hits} of {len(answers)} answers name their question's topic"
-    for name in {name for name, _ in answers_of_every_run}:
-        assert any(on_topic(s) for (variant, _), run in answers_of_every_run.items()
-                   if variant == name for s in run), f"none of {name}'s answers is on topic"
+    hits = {run: sum(on_topic(s) for s in answers) for run, answers in answers_of_every_run.items()}
+    total = sum(len(answers) for answers in answers_of_every_run.values())
+    assert sum(hits.values()) > total / 2, f"{sum(hits.values())} of {total} answers name their question's topic"
+    for name in {name for name, _ in hits}:
+        assert sum(h for (variant, _), h in hits.items() if variant == name), f"none of {name}'s answers is on topic"
 
 
 def test_built_models_say_they_were_pretrained(learned):
